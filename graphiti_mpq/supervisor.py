@@ -1,0 +1,459 @@
+"""The serving loop shared by ``supervise``, ``drain`` and the API's background worker.
+
+One pass: take the next jobs the store allows (under the barrier), hand them to the pool,
+collect outcomes and child reports, catch crashed or overdue children, record outcomes in one
+transaction, heartbeat and recover jobs of dead processes. The loop itself never runs job code,
+and it alone touches the database and the barrier.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import procinfo
+from .barrier import Barrier
+from .child import Task
+from .config import Settings
+from .logs import get_logger
+from .models import CLAIMED, AttemptResult, Outcome, QueuedJob
+from .pool import Event, WorkerPool
+from .storage.sqlite import Finished, JobQueue
+from .wakeup import WakeListener
+
+_BUSY_TICK = 0.1  # how often running children are checked for crashes and time limits
+_IDLE_POLL = 2.0  # slow fallback poll when no wake-up arrives
+_CRASH_CONFIRM = 0.5  # a dead child's result may still be in flight this long
+_STALL = 10.0  # a dispatched job no child has taken this long means a wedged pool
+_REPLAY_BACKSTOP = 2.0  # a replay enforces its own limit; the loop steps in after this margin
+
+
+@dataclass
+class Running:
+    """A job handed to the pool, and what its child has told us."""
+
+    job: QueuedJob
+    dispatched: float
+    limit: float
+    pid: int | None = None
+    pgid: int | None = None
+    started: float | None = None
+    dead_since: float | None = None
+
+
+@dataclass
+class RunSummary:
+    """What a run did: attempts that succeeded or failed, jobs that ended dead."""
+
+    succeeded: int = 0
+    failed: int = 0
+    dead: int = 0
+    seconds: float = 0.0
+    handed_back: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "dead": self.dead,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class _Stop:
+    requested: int = 0  # signals (or stop calls) received
+    grace_deadline: float | None = None
+
+
+@dataclass
+class Supervisor:
+    """Serves one queue until stopped (``serve``) or until nothing is eligible (``drain``)."""
+
+    queue: JobQueue
+    settings: Settings
+    kind: str = "supervise"
+    mode: str = "serve"
+    wait_retries: bool = False
+    idle_exit: float | None = None
+    on_progress: Any = None
+    summary: RunSummary = field(default_factory=RunSummary)
+
+    def __post_init__(self) -> None:
+        self.log = get_logger(kind=self.kind)
+        self._events: queue_mod.SimpleQueue[Event] = queue_mod.SimpleQueue()
+        self._running: dict[str, Running] = {}
+        self._results: list[tuple[Running, AttemptResult]] = []
+        self._seq_waiting: QueuedJob | None = None
+        self._stop = _Stop()
+        self._owner = 0
+        self._pool: WorkerPool | None = None
+        self._barrier: Barrier | None = None
+        self._next_heartbeat = 0.0
+        self._last_activity = time.monotonic()
+        self._barrier_logged = False
+        self.ready = threading.Event()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: graceful stop; second: hard stop. Safe from a signal handler."""
+        self._stop.requested += 1
+        self._events.put(("stop",))
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, frame: object) -> None:
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        began = time.monotonic()
+        settings = self.settings
+        self._owner = self.queue.register_process(self.kind, settings.host_id, settings.lease)
+        listener = WakeListener(self.queue.location)
+        waker = threading.Thread(target=self._listen, args=(listener,), daemon=True)
+        self._pool = WorkerPool(
+            settings.workers, settings.start_method, settings.imports, self._events
+        )
+        self._barrier = Barrier(self.queue.location)
+        self.log.info(
+            "supervisor_started",
+            pid=os.getpid(),
+            workers=settings.workers,
+            queue=self.queue.location,
+            start_method=settings.start_method,
+            mode=self.mode,
+        )
+        waker.start()
+        try:
+            self._heartbeat(force=True)
+            self.ready.set()
+            self._loop()
+        finally:
+            self._shutdown(listener)
+            self.summary.seconds = time.monotonic() - began
+            self.log.info("supervisor_stopped", **self.summary.to_json())
+        return self.summary
+
+    def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            if self._stop.requested and self._stop.grace_deadline is None:
+                self._begin_stop(now)
+            if self._stop.grace_deadline is not None:
+                if not self._running:
+                    return
+                if self._stop.requested > 1 or now >= self._stop.grace_deadline:
+                    self._hard_stop()
+                    return
+            else:
+                self._fill()
+                if self._finished_serving(now):
+                    return
+            self._collect(self._wait_time())
+            self._check_children()
+            self._flush()
+            self._heartbeat()
+
+    def _wait_time(self) -> float:
+        if self._running or self._seq_waiting is not None or self._results:
+            return _BUSY_TICK
+        wait = min(_IDLE_POLL, max(0.0, self._next_heartbeat - time.monotonic()))
+        due = self.queue.next_run_at()
+        if due is not None:
+            wait = min(wait, max(0.005, due - time.time()))
+        return wait
+
+    def _listen(self, listener: WakeListener) -> None:
+        while self._pool is not None or not self.ready.is_set():
+            try:
+                if listener.wait(1.0):
+                    self._events.put(("wake",))
+            except (OSError, ValueError):
+                return
+
+    # -- claiming and dispatch -------------------------------------------------------------
+
+    def _fill(self) -> None:
+        assert self._barrier is not None
+        if self._seq_waiting is not None:
+            self._start_sequential()
+            return
+        room = 2 * self.settings.workers - len(self._running)
+        if room <= 0 or any(not r.job.parallel for r in self._running.values()):
+            return
+        if not self._barrier.try_shared():
+            return  # another process runs a sequential job
+        jobs = self.queue.claim(self._owner, room, self.settings.lease, start=True)
+        if not jobs:
+            self._release_barrier_if_idle()
+            return
+        self._last_activity = time.monotonic()
+        if jobs[0].state == CLAIMED:
+            self._barrier.release()  # claim() gives a sequential job only when nothing runs
+            self._seq_waiting = jobs[0]
+            self._start_sequential()
+            return
+        self._dispatch(jobs)
+
+    def _start_sequential(self) -> None:
+        assert self._barrier is not None and self._seq_waiting is not None
+        job = self._seq_waiting
+        if not self._barrier.acquire_exclusive(timeout=0.05):
+            if not self._barrier_logged:
+                self.log.info("barrier_wait", job_id=job.id, job_type=job.job_type)
+                self._barrier_logged = True
+            return
+        self._barrier_logged = False
+        self._seq_waiting = None
+        started = self.queue.start_claimed(self._owner, [job], self.settings.lease)
+        if started:
+            self._dispatch(started)
+        else:
+            self._barrier.release()
+
+    def _dispatch(self, jobs: list[QueuedJob]) -> None:
+        assert self._pool is not None
+        now = time.monotonic()
+        for job in jobs:
+            limit = job.timeout if job.timeout is not None else self.settings.job_timeout
+            self._running[job.id] = Running(job, now, limit)
+            self.log.info("job_started", parallel=job.parallel, **job.log_context())
+            self._pool.submit(
+                Task(job.id, job.job_type, job.payload, job.attempts, limit, self.settings.program)
+            )
+
+    def _release_barrier_if_idle(self) -> None:
+        if not self._running and self._seq_waiting is None and self._barrier is not None:
+            self._barrier.release()
+
+    # -- events from children and the pool -------------------------------------------------
+
+    def _collect(self, timeout: float) -> None:
+        try:
+            event = self._events.get(timeout=timeout)
+        except queue_mod.Empty:
+            return
+        while True:
+            self._handle(event)
+            try:
+                event = self._events.get_nowait()
+            except queue_mod.Empty:
+                return
+
+    def _handle(self, event: Event) -> None:
+        kind = event[0]
+        if kind in ("wake", "stop"):
+            return
+        running = self._running.get(event[1])
+        if running is None:
+            return  # a late report of a job already settled (timed out, crashed)
+        if kind == "start":
+            running.pid, running.started = event[2], time.monotonic()
+        elif kind == "spawn":
+            running.pgid = event[3]
+            self.queue.record_process(running.job, event[2], event[3])
+        elif kind == "result":
+            self._settle(running, event[2])
+        elif kind == "error":
+            self._settle(running, AttemptResult(Outcome.FAILED, error=event[2]))
+
+    def _settle(self, running: Running, result: AttemptResult) -> None:
+        self._running.pop(running.job.id, None)
+        self._results.append((running, result))
+
+    def _check_children(self) -> None:
+        assert self._pool is not None
+        now = time.monotonic()
+        for running in list(self._running.values()):
+            if running.pid is not None:
+                crashed = self._pool.exit_of(running.pid)
+                if crashed is not None:
+                    if running.dead_since is None:
+                        running.dead_since = now
+                    elif now - running.dead_since >= _CRASH_CONFIRM:
+                        self._kill_group(running)
+                        self._settle(running, crashed)
+                    continue
+            began = running.started or running.dispatched
+            margin = _REPLAY_BACKSTOP if running.pgid is not None else 0.0
+            if running.started is not None and now - began > running.limit + margin:
+                self._kill_group(running)
+                if running.pid is not None:
+                    self._pool.kill_child(running.pid)
+                self._settle(
+                    running,
+                    AttemptResult(Outcome.TIMEOUT, error=f"timed out after {running.limit:g}s"),
+                )
+        self._pool.forget_dead({r.pid for r in self._running.values() if r.pid is not None})
+        self._check_stall(now)
+
+    def _check_stall(self, now: float) -> None:
+        """A child killed while idle can wedge ``Pool`` (it held the task lock): restart it."""
+        assert self._pool is not None
+        waiting = [r for r in self._running.values() if r.pid is None]
+        busy = len(self._running) - len(waiting)
+        if not waiting or busy >= self.settings.workers:
+            return
+        if now - min(r.dispatched for r in waiting) < _STALL:
+            return
+        self.log.warning("pool_restarted", waiting=len(waiting), busy=busy)
+        victims = list(self._running.values())
+        self._pool.restart()
+        for running in victims:
+            self._kill_group(running)
+            self._settle(running, AttemptResult(Outcome.HANDED_BACK, error="pool restarted"))
+
+    @staticmethod
+    def _kill_group(running: Running) -> None:
+        if running.pgid is not None:
+            procinfo.kill_process_group(running.pgid)
+
+    # -- recording outcomes ----------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if not self._results:
+            return
+        results, self._results = self._results, []
+        by_id = {r.job.id: (r, res) for r, res in results}
+        finished = self.queue.finish(
+            [(r.job, res) for r, res in results],
+            max_retries=self.settings.max_retries,
+            backoff_base=self.settings.backoff_base,
+            owner=self._owner,
+        )
+        self._last_activity = time.monotonic()
+        for item in finished:
+            running, result = by_id[item.job.id]
+            self._log_outcome(item, result, running)
+        self._release_barrier_if_idle()
+        if self.on_progress is not None:
+            self.on_progress(len(finished))
+
+    def _log_outcome(self, item: Finished, result: AttemptResult, running: Running | None) -> None:
+        context = item.job.log_context()
+        summary = self.summary
+        if running is not None and running.pgid is not None:
+            self.log.info(
+                "command_replayed",
+                exit_code=result.exit_code,
+                outcome=result.outcome.value,
+                **context,
+            )
+        if item.disposition == "succeeded":
+            summary.succeeded += 1
+            self.log.info("job_completed", **context)
+        elif item.disposition == "handed_back":
+            summary.handed_back += 1
+            self.log.info("job_handed_back", **context)
+        elif item.disposition == "retry":
+            summary.failed += 1
+            self.log.warning(
+                "job_failed_retrying",
+                outcome=item.outcome.value,
+                error=item.error,
+                retry_in=item.delay,
+                **context,
+            )
+        else:
+            summary.failed += 1
+            summary.dead += 1
+            self.log.error(
+                "job_exhausted_dead_letter", outcome=item.outcome.value, error=item.error, **context
+            )
+
+    # -- liveness and recovery -------------------------------------------------------------
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + max(0.05, min(self.settings.lease / 3, 10.0))
+        self.queue.heartbeat(self._owner, self.settings.lease)
+        recovered = self.queue.recover(
+            self.settings.host_id,
+            kill=self._kill_recorded,
+            exclude_owner=self._owner,
+            max_retries=self.settings.max_retries,
+            backoff_base=self.settings.backoff_base,
+        )
+        for item in recovered:
+            self.log.warning(
+                "job_recovered", was_running=item.was_running, **item.job.log_context()
+            )
+            if item.finished is not None:
+                self._log_outcome(item.finished, AttemptResult(item.finished.outcome), None)
+
+    def _kill_recorded(self, row: dict[str, Any]) -> None:
+        """Before a job is taken back, no code of its interrupted attempt may still run."""
+        if row.get("owner_host") != self.settings.host_id:
+            return
+        if row.get("pgid"):
+            procinfo.kill_process_group(int(row["pgid"]))
+        worker = row.get("worker_pid")
+        if worker and procinfo.is_alive(int(worker), row.get("worker_start")):
+            try:
+                os.kill(int(worker), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _finished_serving(self, now: float) -> bool:
+        if self._running or self._seq_waiting is not None or self._results:
+            return False
+        if self.mode == "drain":
+            if self.queue.count_eligible() > 0:
+                return False  # held back by the barrier of another process: wait for it
+            return not (self.wait_retries and self.queue.next_run_at(retries_only=True))
+        return self.idle_exit is not None and now - self._last_activity > self.idle_exit
+
+    def _begin_stop(self, now: float) -> None:
+        self._stop.grace_deadline = now + self.settings.grace
+        if self._seq_waiting is not None:
+            self.queue.release_claimed(self._owner, [self._seq_waiting])
+            self._seq_waiting = None
+        self.log.info("supervisor_stopping", running=len(self._running), grace=self.settings.grace)
+
+    def _hard_stop(self) -> None:
+        assert self._pool is not None
+        pgids = [r.pgid for r in self._running.values() if r.pgid is not None]
+        self._pool.kill_all(pgids)
+        for running in list(self._running.values()):
+            self._settle(
+                running, AttemptResult(Outcome.HANDED_BACK, error="stopped by a supervisor stop")
+            )
+        self._flush()
+
+    def _shutdown(self, listener: WakeListener) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            if self._running:
+                self._hard_stop_pool(pool)
+            pool.shutdown()
+        if self._barrier is not None:
+            self._barrier.close()
+        listener.close()
+        try:
+            self.queue.unregister_process(self._owner)
+        except Exception as exc:  # the stop must finish even if the database is gone
+            self.log.warning("unregister_failed", error=str(exc))
+
+    def _hard_stop_pool(self, pool: WorkerPool) -> None:
+        pgids = [r.pgid for r in self._running.values() if r.pgid is not None]
+        pool.kill_all(pgids)
+        for running in list(self._running.values()):
+            self._settle(running, AttemptResult(Outcome.HANDED_BACK, error="supervisor stopped"))
+        try:
+            self._flush()
+        except Exception as exc:
+            self.log.warning("hand_back_failed", error=str(exc))

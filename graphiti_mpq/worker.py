@@ -1,0 +1,79 @@
+"""The in-process worker of the Python API: the supervisor loop on a background thread.
+
+An MCP server (or any long-lived host) calls ``start_worker()``; the loop runs its own pool of
+child processes, so job code never runs inside the host process.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+from .config import Settings, load_settings
+from .logs import ensure_configured, get_logger
+from .storage.sqlite import JobQueue
+from .supervisor import Supervisor
+
+
+def _settings_for(queue: JobQueue) -> Settings:
+    return load_settings(queue.location)
+
+
+class BackgroundWorker:
+    """Serves the queue from a thread of this process until ``stop()``."""
+
+    def __init__(self, job_queue: JobQueue, settings: Settings | None = None) -> None:
+        self._queue = job_queue
+        self._settings = settings
+        self._thread: threading.Thread | None = None
+        self._supervisor: Supervisor | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            ensure_configured()
+            settings = self._settings or _settings_for(self._queue)
+            self._supervisor = Supervisor(self._queue, settings, kind="worker")
+            self._thread = threading.Thread(
+                target=self._supervisor.run, name="graphiti_mpq-worker", daemon=False
+            )
+            self._thread.start()
+        get_logger().info("background_worker_started", queue=self._queue.location)
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Wait until the worker serves the queue (registered, pool started)."""
+        supervisor = self._supervisor
+        return supervisor is not None and supervisor.ready.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming, let running jobs finish within ``timeout``, then hand the rest back."""
+        with self._lock:
+            thread, supervisor = self._thread, self._supervisor
+        if thread is None or supervisor is None:
+            return
+        supervisor.settings = replace(supervisor.settings, grace=timeout)
+        supervisor.request_stop()
+        thread.join(timeout + 5.0)
+        if thread.is_alive():
+            get_logger().warning("background_worker_timeout", timeout=timeout)
+            supervisor.request_stop()  # second request: hand running jobs back now
+            thread.join(30.0)
+        with self._lock:
+            self._thread = None
+        get_logger().info("background_worker_stopped")
+
+    def is_running(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+
+def drain_once(job_queue: JobQueue, settings: Settings | None = None) -> tuple[int, int]:
+    """Work every job eligible now; returns (attempts succeeded, attempts failed)."""
+    ensure_configured()
+    supervisor = Supervisor(
+        job_queue, settings or _settings_for(job_queue), kind="drain", mode="drain"
+    )
+    summary = supervisor.run()
+    return summary.succeeded, summary.failed
