@@ -119,12 +119,12 @@ class Supervisor:
         began = time.monotonic()
         settings = self.settings
         self._owner = self.queue.register_process(self.kind, settings.host_id, settings.lease)
-        listener = WakeListener(self.queue.location)
+        listener = self.queue.wake_listener()
         waker = threading.Thread(target=self._listen, args=(listener,), daemon=True)
         self._pool = WorkerPool(
             settings.workers, settings.start_method, settings.imports, self._events
         )
-        self._barrier = Barrier(self.queue.location)
+        self._barrier = self.queue.barrier()
         self.log.info(
             "supervisor_started",
             pid=os.getpid(),

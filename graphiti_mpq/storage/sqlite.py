@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import wakeup
 from ..errors import UnknownJobError, WrongStateError
@@ -34,6 +34,10 @@ from ..models import (
 from ..retry import retry_delay
 from . import insert
 from .sqlite_conn import connect, translated
+
+if TYPE_CHECKING:
+    from ..barrier import Barrier
+    from ..wakeup import WakeListener
 
 _OWNED = "('claimed', 'running')"
 _FINAL = "('succeeded', 'dead', 'cancelled')"
@@ -156,6 +160,18 @@ class JobQueue:
         cursor = conn.execute(sql, tuple(params))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    # -- what a serving process needs beside the store --------------------------------------
+
+    def barrier(self) -> Barrier:
+        """The cross-process barrier of this queue (a file lock beside the database)."""
+        from ..barrier import Barrier
+
+        return Barrier(self.location)
+
+    def wake_listener(self) -> WakeListener:
+        """Where enqueues poke an idle serving process (a FIFO beside the database)."""
+        return wakeup.WakeListener(self.location)
 
     # -- enqueue ---------------------------------------------------------------------------
 
