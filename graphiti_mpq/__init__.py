@@ -7,7 +7,12 @@ worker, structlog, filelock and multiprocessing load only when used.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
+
+# typing costs milliseconds at import and hooks pay for each: names for the checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 __version__ = "0.1.0"
 

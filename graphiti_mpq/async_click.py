@@ -131,10 +131,10 @@ def _record_invocation(ctx: click.Context, silent: bool | None) -> str:
 
 
 def _enqueue(job_type: str, payload: dict[str, Any]) -> str:
-    """Store the job (the queue is imported only now: importing this module stays cheap)."""
-    from . import api
+    """Store the job through the light enqueue path (imported only now, only what it needs)."""
+    from .quick import enqueue_one
 
-    return api.enqueue(job_type, payload, silent=True)
+    return enqueue_one(job_type, payload)
 
 
 def build_replay_job(ctx: click.Context) -> tuple[str, dict[str, Any]]:

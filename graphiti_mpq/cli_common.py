@@ -105,6 +105,7 @@ def open_queue_for(state: CliState, settings: Settings | None = None) -> JobQueu
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         ctx.call_on_close(queue.close)
+    queue.ingest_spool()  # jobs spooled while the database was busy are shown (and served)
     return queue
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .autostart import adopt_lock as adopt_autostart_lock
 from .cli_common import DURATION, CliState, json_out, open_queue_for, pass_state
 from .config import START_METHODS, Settings
 from .supervisor import RunSummary, Supervisor
@@ -61,6 +62,7 @@ def supervise(state: CliState, /, idle_exit: float | None, **options: Any) -> No
     Example:
         graphiti_mpq supervise --workers 8 --import myapp.jobs
     """
+    adopt_autostart_lock()  # started by an enqueue: hold its lock for our whole life
     settings = _settings(state, options)
     queue = open_queue_for(state, settings)
     supervisor = Supervisor(queue, settings, kind="supervise", idle_exit=idle_exit)

@@ -1,14 +1,23 @@
 """The console script ``graphiti_mpq``.
 
-Kept free of heavy imports at module level: a fast path for ``enqueue`` (no click, no
-structlog) can be added here without slowing anything else down.
+``enqueue`` is what hooks run, so it first goes through ``fastpath`` (no click, no structlog);
+every other command, and any ``enqueue`` the fast path declines, goes to the click CLI.
 """
 
 from __future__ import annotations
 
+import sys
+
 
 def main() -> None:
     """Run the CLI; always ends the process with the command's exit status."""
+    argv = sys.argv[1:]
+    if "enqueue" in argv:
+        from .fastpath import try_enqueue
+
+        status = try_enqueue(argv)
+        if status is not None:
+            sys.exit(status)
     from .cli import main as cli
 
-    cli.main(prog_name="graphiti_mpq")
+    cli.main(args=argv, prog_name="graphiti_mpq")

@@ -252,7 +252,10 @@ class Supervisor:
 
     def _handle(self, event: Event) -> None:
         kind = event[0]
-        if kind in ("wake", "stop"):
+        if kind == "wake":
+            self.queue.ingest_spool()  # a busy enqueue may have spooled, then poked
+            return
+        if kind == "stop":
             return
         running = self._running.get(event[1])
         if running is None:
@@ -379,6 +382,7 @@ class Supervisor:
             return
         self._next_heartbeat = now + max(0.05, min(self.settings.lease / 3, 10.0))
         self.queue.heartbeat(self._owner, self.settings.lease)
+        self.queue.ingest_spool()
         recovered = self.queue.recover(
             self.settings.host_id,
             kill=self._kill_recorded,

@@ -9,10 +9,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
 
 from .errors import InvalidJobError
+
+# typing costs milliseconds at import and hooks pay for each: names for the checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
 
 MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_COMMAND_PARTS = 8
@@ -132,8 +137,8 @@ def validate_int(value: Any, field: str, minimum: int | None = None) -> int:
 def validate_seconds(value: Any, field: str, positive: bool = False) -> float:
     """A number of seconds, or a duration string like ``30s``."""
     if isinstance(value, str):
-        from .config import parse_duration
         from .errors import ConfigError
+        from .locate import parse_duration
 
         try:
             value = parse_duration(value, field)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
 
 from ..errors import InvalidJobError
 from ..validation import (
@@ -19,6 +17,13 @@ from ..validation import (
     validate_payload,
     validate_seconds,
 )
+
+# typing costs milliseconds at import and hooks pay for each: names for the checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+    from typing import Any
+
 
 ENQUEUE_OPTIONS = frozenset({"priority", "delay", "dedupe_key", "max_retries", "timeout"})
 _LIVE = "('pending', 'claimed', 'running')"
@@ -78,7 +83,7 @@ def prepare_many(jobs: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
     rows = []
     now = time.time()
     for index, item in enumerate(jobs):
-        if not isinstance(item, Mapping):
+        if not isinstance(item, dict):
             raise InvalidJobError(f"jobs[{index}]", "must be a dict")
         fields = dict(item)
         if "job_type" not in fields or "payload" not in fields:
@@ -109,4 +114,42 @@ def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[s
                 continue
         conn.execute(INSERT_SQL, row)
         ids.append(row[0])
+    return ids
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def insert_or_spool(
+    conn: sqlite3.Connection,
+    location: str,
+    rows: list[tuple[Any, ...]],
+    wait: float,
+    busy_timeout: float,
+) -> list[str]:
+    """Insert in one transaction, waiting at most ``wait`` for the write lock; else spool.
+
+    A hook must never fail or hang on a busy database: after ``wait`` the rows go to the spool
+    (see ``spool``), durably, with the ids they were given. ``busy_timeout`` is restored after.
+    """
+    conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if not _is_busy(exc):
+            raise
+        from . import spool
+
+        return spool.write(location, rows)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    try:
+        ids = insert_rows(conn, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     return ids

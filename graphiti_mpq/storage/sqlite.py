@@ -32,7 +32,7 @@ from ..models import (
     SupervisorInfo,
 )
 from ..retry import retry_delay
-from . import insert
+from . import insert, spool
 from .sqlite_conn import connect, translated
 
 if TYPE_CHECKING:
@@ -178,12 +178,44 @@ class JobQueue:
     def enqueue(
         self, job_type: str, payload: dict[str, Any], parallel: bool = False, **options: Any
     ) -> str:
-        """Record one job durably and return its id (an existing live duplicate's id)."""
+        """Record one job durably and return its id (an existing live duplicate's id).
+
+        If the write lock is not free within the enqueue wait (50 ms), the job goes to the
+        spool instead (see ``spool``): an enqueue from a hook never fails on a busy database.
+        """
+        from ..quick import enqueue_wait
+
         row = insert.prepare_row(job_type, payload, parallel, **options)
-        with self._write() as conn:
-            ids = insert.insert_rows(conn, [row])
+        with self._lock, translated(self.location):
+            conn = self.connection()
+            ids = insert.insert_or_spool(
+                conn, self.location, [row], enqueue_wait(), self.busy_timeout
+            )
         wakeup.poke(self.location)
         return ids[0]
+
+    def ingest_spool(self) -> int:
+        """Move jobs spooled while the database was busy into it (best effort, no wait)."""
+        if not spool.pending_files(self.location):
+            return 0
+        with self._lock, translated(self.location):
+            conn = self.connection()
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                return 0  # still busy: the next reader or serving process takes them
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            try:
+                added = spool.ingest(conn, self.location)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            spool.remove_ingested(conn, self.location)
+        return added
 
     def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
         """Record many jobs in one transaction: all or nothing."""
