@@ -7,6 +7,7 @@ worker, structlog or multiprocessing until it is used.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,14 +18,15 @@ from .hookctx import is_hook_context
 from .storage.sqlite import JobQueue
 
 if TYPE_CHECKING:
+    from .storage.base import QueueStore
     from .worker import BackgroundWorker
 
 _lock = threading.RLock()
-_queue: JobQueue | None = None
+_queue: QueueStore | None = None
 _worker: BackgroundWorker | None = None
 
 
-def get_queue(db_path: str | Path | None = None, max_size: int | None = None) -> JobQueue:
+def get_queue(db_path: str | Path | None = None, max_size: int | None = None) -> QueueStore:
     """The process's queue (``db_path`` > ``GRAPHITI_QUEUE_PATH`` > the XDG default)."""
     global _queue
     with _lock:
@@ -57,7 +59,13 @@ def enqueue(
     Options: ``priority``, ``delay`` (seconds), ``dedupe_key``, ``max_retries``, ``timeout``.
     Unless silent (by default: silent in a hook context) it logs ``job_enqueued`` on stderr.
     """
-    job_id = get_queue().enqueue(job_type, payload, parallel, **options)
+    queue = get_queue()
+    job_id = queue.enqueue(job_type, payload, parallel, **options)
+    if os.environ.get("GRAPHITI_QUEUE_AUTOSTART") == "1" and isinstance(queue, JobQueue):
+        from .autostart import maybe_autostart
+
+        with queue.locked_connection() as conn:
+            maybe_autostart(queue.location, conn)
     if silent is None:
         silent = is_hook_context()
     if not silent:

@@ -39,20 +39,49 @@ def someone_serves(conn: sqlite3.Connection) -> bool:
     return False
 
 
-def maybe_autostart(location: str, conn: sqlite3.Connection) -> bool:
-    """Start a detached supervisor for ``location`` if none serves it; True if one started."""
-    if someone_serves(conn):
-        return False
-    fd = os.open(location + ".autostart", os.O_RDWR | os.O_CREAT, 0o600)
+def maybe_autostart(location: str, conn: sqlite3.Connection | None = None) -> bool:
+    """Start a detached supervisor for ``location`` if none serves it; True if one started.
+
+    Called after the job is stored, so it never raises: a failure to start a supervisor must
+    not fail the enqueue (the job waits for the next supervisor or drain). ``conn`` is None
+    when the enqueue spooled because the database could not even be opened in time.
+    """
     try:
+        if _serving(location, conn):
+            return False
+        fd = os.open(location + ".autostart", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # another enqueuer started one, or its supervisor is starting
-        _spawn(location, fd)
-        return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # another enqueuer started one, or its supervisor is starting
+            _spawn(location, fd)
+            return True
+        finally:
+            os.close(fd)
+    except Exception:
+        return False
+
+
+def _serving(location: str, conn: sqlite3.Connection | None) -> bool:
+    """``someone_serves``; on a database too busy to open, read it on a plain connection.
+
+    If even that read fails (a new queue being set up by hooks that fired at once), nobody
+    is taken to serve it: the lock of ``maybe_autostart`` still lets only one start, and a
+    spooled job must not wait for a supervisor that nobody starts.
+    """
+    if conn is not None:
+        return someone_serves(conn)
+    try:
+        plain = sqlite3.connect(location, timeout=0.05)
+    except sqlite3.Error:
+        return False
+    try:
+        return someone_serves(plain)
+    except sqlite3.Error:
+        return False
     finally:
-        os.close(fd)
+        plain.close()
 
 
 def _spawn(location: str, fd: int) -> None:

@@ -4,12 +4,19 @@ A child tells the serving process which job it starts (and the process group of 
 command) through a small event queue, so the parent can notice a child that dies mid-job
 (``multiprocessing.Pool`` never reports that) and kill the right process group. A child never
 touches the database or the barrier.
+
+No job code outlives the supervisor: each child watches the supervisor's pid (a pidfd; the
+parent-death signal alone fails under forkserver, whose server outlives it) and, when it goes,
+kills the running command's process group and its own (a child leads one, so whatever a Python
+handler started goes too) before it exits.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
@@ -20,6 +27,9 @@ from .models import AttemptResult, Outcome
 
 _events: Any = None
 _init_error: str | None = None
+_stopping: Any = None
+#: Without pidfds, how often a child checks that its supervisor still runs.
+_WATCH_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -34,22 +44,93 @@ class Task:
     program: str
 
 
+def _die(code: int) -> None:
+    """Take every process of this child's attempt along, then exit now.
+
+    The replayed commands lead their own sessions; whatever a Python handler started stays in
+    this child's process group, which the child leads (see ``init_child``).
+
+    Called from signal handlers (which may nest: parent death and a pool shutdown both send
+    SIGTERM) and from the supervisor watcher thread, so it takes no lock: the registry's lock
+    may be held by the very frame a handler interrupted. A copy of the dict's values is atomic
+    under the GIL.
+    """
+    for pgid in list(handlers._active_groups.values()):
+        procinfo.kill_process_group(pgid)
+    if os.getpgrp() == os.getpid():
+        try:
+            os.killpg(os.getpid(), signal.SIGKILL)  # our own group: ends us too
+        except OSError:
+            pass
+    os._exit(code)
+
+
 def _die_with_parent(signum: int, frame: FrameType | None) -> None:
     """Parent death (or pool shutdown): take the running command's process group along."""
-    for pgid in handlers.active_process_groups():
-        procinfo.kill_process_group(pgid)
-    os._exit(128 + signum)
+    _die(128 + signum)
 
 
-def init_child(events: Any, imports: tuple[str, ...]) -> None:
-    """Pool initializer: die with the parent, leave Ctrl-C to it, load handler modules."""
-    global _events, _init_error
+def _watch_supervisor(pid: int, start: int | None) -> None:
+    """Die when the serving process dies, whichever process is our parent.
+
+    The parent-death signal is not enough: under forkserver our parent is the fork server,
+    which lives as long as any of its children holds its "alive" pipe, that is as long as we
+    do. A pidfd tells us at once when the supervisor ends; without one we poll.
+    """
+    fd: int | None
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    try:
+        if procinfo.is_alive(pid, start):
+            if fd is not None:
+                select.select([fd], [], [])  # readable once the process has ended
+            else:
+                while procinfo.is_alive(pid, start):
+                    time.sleep(_WATCH_POLL)
+    finally:
+        _die(1)
+
+
+def init_child(
+    events: Any,
+    imports: tuple[str, ...],
+    supervisor: tuple[int, int | None] | None = None,
+    stopping: Any = None,
+) -> None:
+    """Pool initializer: die with the supervisor, leave Ctrl-C to it, load handler modules.
+
+    ``supervisor`` is (pid, start time) of the serving process. The child leads its own process
+    group, so a crash, a time limit or a stop can end whatever a Python handler started.
+    ``stopping`` is a shared flag the supervisor raises on a graceful stop: a task the pool
+    still held is then handed back instead of started.
+    """
+    global _events, _init_error, _stopping
     _events = events
+    _stopping = stopping
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _die_with_parent)
     procinfo.set_parent_death_signal(signal.SIGTERM)
     if os.getppid() == 1:  # the parent died before the death signal was armed
         os._exit(1)
+    try:
+        os.setpgid(0, 0)
+        # Out of the terminal's foreground group now: let a handler still write to it
+        # (under ``stty tostop`` a background write would stop the child).
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    except OSError:
+        pass
+    if supervisor is not None:
+        # The watcher must never take the signals meant for the main thread: a SIGTERM that
+        # lands on it would leave the main thread blocked and the handler never run.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            threading.Thread(
+                target=_watch_supervisor, args=supervisor, name="supervisor-watch", daemon=True
+            ).start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
         handlers.import_handler_modules(imports)
     except Exception as exc:  # every task of this child fails with it, instead of a respawn loop
@@ -63,6 +144,10 @@ def _report(kind: str, job_id: str, pgid: int | None = None) -> None:
 
 def run_task(task: Task) -> tuple[str, AttemptResult]:
     """Run one attempt; every failure comes back as an AttemptResult, never as an exception."""
+    if _stopping is not None and _stopping.value:
+        return task.job_id, AttemptResult(
+            Outcome.HANDED_BACK, error="not started: the supervisor is stopping"
+        )
     _report("start", task.job_id)
     if _init_error is not None:
         return task.job_id, AttemptResult(

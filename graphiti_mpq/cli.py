@@ -326,7 +326,7 @@ def status(state: CliState, as_json: bool) -> None:
         json_out(build_status(queue, settings.capacity))
         return
     report = build_status(queue, settings.capacity, dead_letter_limit=5)
-    click.echo(_render_status(settings.location, report))
+    click.echo(_render_status(queue.display_location, report))
 
 
 # -- jobs and show -------------------------------------------------------------------------

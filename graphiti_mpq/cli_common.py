@@ -20,7 +20,10 @@ import click
 
 from .config import Settings, load_settings, parse_duration, queue_location
 from .errors import EXIT_FAILED, EXIT_USAGE, ConfigError, QueueError
-from .storage import JobQueue, open_queue
+from .storage import open_queue
+
+if TYPE_CHECKING:
+    from .storage.base import QueueStore
 
 __all__ = [
     "BUSY_TIMEOUT_ENV",
@@ -92,7 +95,7 @@ def busy_timeout() -> float:
     return parse_duration(raw, BUSY_TIMEOUT_ENV) if raw else DEFAULT_BUSY_TIMEOUT
 
 
-def open_queue_for(state: CliState, settings: Settings | None = None) -> JobQueue:
+def open_queue_for(state: CliState, settings: Settings | None = None) -> QueueStore:
     """Open (and migrate) the queue the global options name; closed when the command ends."""
     settings = settings if settings is not None else state.settings()
     queue = open_queue(

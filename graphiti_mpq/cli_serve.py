@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,6 +12,10 @@ from .autostart import adopt_lock as adopt_autostart_lock
 from .cli_common import DURATION, CliState, json_out, open_queue_for, pass_state
 from .config import START_METHODS, Settings
 from .supervisor import RunSummary, Supervisor
+
+if TYPE_CHECKING:
+    # Supervisor is typed against JobQueue until it switches to QueueStore: cast at the call.
+    pass
 
 
 def _serving_options(func: Callable[..., Any]) -> Callable[..., Any]:

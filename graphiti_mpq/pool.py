@@ -4,6 +4,9 @@
 issue 22393). Children therefore report the job they start (see ``child.py``) and this class
 keeps each child's ``Process`` object, so the serving loop can tell a crash from a slow job and
 name the signal or exit status that ended it.
+
+Shutting a ``Pool`` down is made robust here (see ``close``): a child killed at the wrong
+moment holds one of ``Pool``'s locks for ever, and ``terminate`` would wait on it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.pool import Pool
 from typing import Any
@@ -20,6 +24,11 @@ from typing import Any
 from . import procinfo
 from .child import Task, init_child, run_task
 from .models import AttemptResult, Outcome
+
+#: How often a stalled pool shutdown is helped along (children killed, locks freed).
+_CLOSE_TICK = 0.1
+#: How long an ended child stays known (its last reports may still be on their way).
+_FORGET_AFTER = 2.0
 
 #: Events pushed to the serving loop: ("start"|"spawn", job_id, pid, pgid),
 #: ("result", job_id, AttemptResult), ("error", job_id, text).
@@ -41,8 +50,11 @@ class WorkerPool:
         self._imports = imports
         self._events = events
         self._child_events: Any = self._context.SimpleQueue()
+        # Raised on a graceful stop; a byte in shared memory, no lock a killed child could hold.
+        self._stopping: Any = self._context.RawValue("b", 0)
         self._pool: Pool | None = None
         self._known: dict[int, Any] = {}  # pid -> Process, kept after Pool forgets it
+        self._dead_since: dict[int, float] = {}  # pid -> when we saw it ended
         self._reader = threading.Thread(target=self._read_child_events, daemon=True)
         self._reader.start()
         self.start()
@@ -51,10 +63,22 @@ class WorkerPool:
         if self._context.get_start_method() == "forkserver":
             # Load the package once in the fork server; each child forks with it imported.
             self._context.set_forkserver_preload(["graphiti_mpq.child"])
+        me = os.getpid()
         self._pool = self._context.Pool(
-            self.workers, initializer=init_child, initargs=(self._child_events, self._imports)
+            self.workers,
+            initializer=init_child,
+            initargs=(
+                self._child_events,
+                self._imports,
+                (me, procinfo.process_start_time(me)),
+                self._stopping,
+            ),
         )
         self.refresh()
+
+    def stop_starting(self) -> None:
+        """Graceful stop: children hand back the tasks they have not started yet."""
+        self._stopping.value = 1
 
     def _read_child_events(self) -> None:
         while True:
@@ -88,13 +112,13 @@ class WorkerPool:
 
     def child_pids(self) -> list[int]:
         self.refresh()
-        return [pid for pid, p in self._known.items() if p.exitcode is None]
+        return [pid for pid, p in self._known.items() if not _ended(p)]
 
     def exit_of(self, pid: int) -> AttemptResult | None:
         """A CRASHED result if child ``pid`` has ended, else None (still alive)."""
         self.refresh()
         process = self._known.get(pid)
-        code = process.exitcode if process is not None else None
+        code = _returncode(process) if process is not None else None
         if code is None and procinfo.is_alive(pid):
             return None
         if code is None:
@@ -110,42 +134,70 @@ class WorkerPool:
             exit_code=exit_code,
         )
 
-    def forget_dead(self, keep: set[int]) -> None:
-        """Drop ended children, except those whose crash is still being confirmed."""
-        for pid in [pid for pid, p in self._known.items() if p.exitcode is not None]:
-            if pid not in keep:
+    def forget_dead(self, keep: set[int]) -> list[int]:
+        """Drop children that ended a while ago, except those whose crash is being confirmed.
+
+        A child's "start" report may still be on its way when it dies: it stays known for
+        ``_FORGET_AFTER`` seconds, so its crash is still told with its signal. Returns the
+        pids dropped.
+        """
+        self.refresh()
+        now = time.monotonic()
+        dropped = []
+        for pid, process in list(self._known.items()):
+            if not _ended(process) or pid in keep:
+                continue
+            since = self._dead_since.setdefault(pid, now)
+            if now - since >= _FORGET_AFTER:
                 del self._known[pid]
+                del self._dead_since[pid]
+                dropped.append(pid)
+        return dropped
 
     def kill_child(self, pid: int) -> None:
-        """Stop one child now (a job past its time limit); the pool starts a replacement."""
+        """Stop one child now (a job past its time limit); the pool starts a replacement.
+
+        The child leads its own process group: whatever its handler started goes with it.
+        """
         if pid in self._known or procinfo.is_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_tree(pid)
 
     def kill_all(self, pgids: list[int]) -> None:
         """Hard stop: kill the commands' process groups, then every child, then reap them."""
         for pgid in pgids:
             procinfo.kill_process_group(pgid)
         for pid in self.child_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_tree(pid)
         self.close()
 
     def close(self) -> None:
-        """Stop every child and reap it (no zombie is left).
+        """Stop every child and reap it (no zombie is left), whatever state the pool is in.
 
         Always ``terminate``: ``close`` + ``join`` waits forever for a task whose child died,
-        since ``Pool`` keeps it in its cache. The loop calls this only with no job running.
+        since ``Pool`` keeps it in its cache. ``terminate`` alone can hang too: it takes the
+        task queue's read lock, which a child killed while idle holds for ever (a hard stop, a
+        restart), and it joins children after a SIGTERM they may act on late. So it runs on a
+        helper thread, and while it has not finished we kill every child and release the locks
+        a dead child may have held.
         """
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.terminate()
+            done = threading.Event()
+
+            def terminate() -> None:
+                pool.terminate()
+                done.set()
+
+            helper = threading.Thread(target=terminate, name="pool-terminate", daemon=True)
+            helper.start()
+            while not done.wait(_CLOSE_TICK):
+                _force_down(pool)
+            helper.join()
             pool.join()
         self._known.clear()
+        self._dead_since.clear()
+        # A child killed while it reported an event holds the event queue's write lock.
+        _unwedge(getattr(self._child_events, "_wlock", None))
 
     def shutdown(self) -> None:
         self.close()
@@ -157,11 +209,67 @@ class WorkerPool:
         """Replace a pool that stopped taking work (a child died holding its task lock)."""
         pids = self.child_pids()
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_tree(pid)
         self.close()
         if on_killed is not None:
             on_killed(pids)
         self.start()
+
+
+def _force_down(pool: Pool) -> None:
+    """Unblock a stalled ``Pool.terminate``: kill every child, free what dead children held."""
+    for process in list(getattr(pool, "_pool", [])):
+        if process.pid is not None and procinfo.is_alive(process.pid):
+            _kill_tree(process.pid)
+    # Every child is dead (replacements included): nobody may hold these any more.
+    _release(getattr(getattr(pool, "_inqueue", None), "_rlock", None))
+    _release(getattr(getattr(pool, "_outqueue", None), "_wlock", None))
+
+
+def _returncode(process: Any) -> int | None:
+    """A child's exit code once ``Pool`` has collected it, else None.
+
+    Never ``Process.exitcode`` from our thread: it polls, and ``Pool``'s worker handler polls
+    the same object from its own thread. Under forkserver the status is one message on a
+    pipe: whichever thread reads second finds the pipe at its end and records 255, losing the
+    signal. ``Pool`` collects every ended child within moments; we read what it recorded.
+    """
+    popen = getattr(process, "_popen", None)
+    code = getattr(popen, "returncode", None)
+    return code if isinstance(code, int) else None
+
+
+def _ended(process: Any) -> bool:
+    """Whether a child has ended (collected by ``Pool``, or no longer running)."""
+    if _returncode(process) is not None:
+        return True
+    return process.pid is None or not procinfo.is_alive(process.pid)
+
+
+def _release(lock: Any) -> None:
+    """Release a multiprocessing lock held by a dead process (no-op when it is free)."""
+    if lock is None:
+        return
+    try:
+        lock.release()
+    except (ValueError, AssertionError):
+        pass  # not held: "released too many times"
+
+
+def _unwedge(lock: Any) -> None:
+    """Free ``lock`` if it stays held while no process may hold it (its holder died)."""
+    if lock is None:
+        return
+    if lock.acquire(timeout=0.05):
+        lock.release()
+    else:
+        _release(lock)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a child and its process group (it leads one: what its handler started)."""
+    procinfo.kill_process_group(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

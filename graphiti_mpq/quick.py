@@ -53,22 +53,29 @@ def enqueue_one(
 
 
 def enqueue_rows(location: str, rows: list[tuple[Any, ...]]) -> list[str]:
-    """Insert prepared rows (one transaction) or spool them; then wake a serving process."""
-    wait = enqueue_wait()
-    try:
-        conn = connect(location, wait)
-    except DatabaseBusyError:
-        ids = spool.write(location, rows)
-    else:
-        try:
-            ids = insert.insert_or_spool(conn, location, rows, wait, BUSY_TIMEOUT)
-            if os.environ.get("GRAPHITI_QUEUE_AUTOSTART") == "1":
-                from .autostart import maybe_autostart
+    """Insert prepared rows (one transaction) or spool them; then wake a serving process.
 
-                maybe_autostart(location, conn)
-        except sqlite3.Error as exc:
-            raise translate(exc, location) from exc
-        finally:
+    Once the rows are stored (or spooled) nothing else raises: the wake-up and the auto-start
+    are best effort, so a caller that sees an error knows nothing was written.
+    """
+    wait = enqueue_wait()
+    conn = None
+    try:
+        try:
+            conn = connect(location, wait)
+        except DatabaseBusyError:
+            ids = spool.write(location, rows)
+        else:
+            try:
+                ids = insert.insert_or_spool(conn, location, rows, wait, BUSY_TIMEOUT)
+            except sqlite3.Error as exc:
+                raise translate(exc, location) from exc
+        wakeup.poke(location)
+        if os.environ.get("GRAPHITI_QUEUE_AUTOSTART") == "1":
+            from .autostart import maybe_autostart
+
+            maybe_autostart(location, conn)
+    finally:
+        if conn is not None:
             conn.close()
-    wakeup.poke(location)
     return ids

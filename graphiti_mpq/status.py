@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .storage import JobQueue
+if TYPE_CHECKING:
+    from .storage.base import QueueStore
 
 
 def health(pending: int, capacity: int) -> str:
@@ -18,7 +19,7 @@ def health(pending: int, capacity: int) -> str:
 
 
 def build_status(
-    queue: JobQueue, capacity: int | None = None, dead_letter_limit: int = 100
+    queue: QueueStore, capacity: int | None = None, dead_letter_limit: int = 100
 ) -> dict[str, Any]:
     capacity = queue.capacity if capacity is None else capacity
     stats = queue.get_stats()

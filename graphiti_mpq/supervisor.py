@@ -17,18 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import procinfo
-from .barrier import Barrier
 from .child import Task
 from .config import Settings
+from .errors import DatabaseBusyError
 from .logs import get_logger
 from .models import CLAIMED, AttemptResult, Outcome, QueuedJob
 from .pool import Event, WorkerPool
-from .storage.sqlite import Finished, JobQueue
-from .wakeup import WakeListener
+from .storage.base import Finished, QueueBarrier, QueueListener, QueueStore
 
+_DB_BUSY_PAUSE = 0.2  # after the database stayed busy past its timeout
 _BUSY_TICK = 0.1  # how often running children are checked for crashes and time limits
 _IDLE_POLL = 2.0  # slow fallback poll when no wake-up arrives
+_BLOCKED_POLL = 0.1  # due jobs held back by another process (its barrier, its jobs)
 _CRASH_CONFIRM = 0.5  # a dead child's result may still be in flight this long
+_CRASH_DETAIL = 5.0  # how long we wait for the pool to collect a dead child's exit status
 _STALL = 10.0  # a dispatched job no child has taken this long means a wedged pool
 _REPLAY_BACKSTOP = 2.0  # a replay enforces its own limit; the loop steps in after this margin
 
@@ -75,7 +77,7 @@ class _Stop:
 class Supervisor:
     """Serves one queue until stopped (``serve``) or until nothing is eligible (``drain``)."""
 
-    queue: JobQueue
+    queue: QueueStore
     settings: Settings
     kind: str = "supervise"
     mode: str = "serve"
@@ -93,10 +95,12 @@ class Supervisor:
         self._stop = _Stop()
         self._owner = 0
         self._pool: WorkerPool | None = None
-        self._barrier: Barrier | None = None
+        self._barrier: QueueBarrier | None = None
         self._next_heartbeat = 0.0
         self._last_activity = time.monotonic()
         self._barrier_logged = False
+        self._pool_suspect = False  # a child died without a job: the pool may be wedged
+        self._ended_in_job: set[int] = set()  # children that died (or we killed) in a job
         self.ready = threading.Event()
 
     # -- control ---------------------------------------------------------------------------
@@ -129,7 +133,7 @@ class Supervisor:
             "supervisor_started",
             pid=os.getpid(),
             workers=settings.workers,
-            queue=self.queue.location,
+            queue=self.queue.display_location,
             start_method=settings.start_method,
             mode=self.mode,
         )
@@ -146,23 +150,36 @@ class Supervisor:
 
     def _loop(self) -> None:
         while True:
-            now = time.monotonic()
-            if self._stop.requested and self._stop.grace_deadline is None:
-                self._begin_stop(now)
-            if self._stop.grace_deadline is not None:
-                if not self._running:
+            try:
+                if self._pass():
                     return
-                if self._stop.requested > 1 or now >= self._stop.grace_deadline:
-                    self._hard_stop()
-                    return
-            else:
-                self._fill()
-                if self._finished_serving(now):
-                    return
-            self._collect(self._wait_time())
-            self._check_children()
-            self._flush()
-            self._heartbeat()
+            except DatabaseBusyError as exc:
+                # Another process held the write lock past the busy timeout: every step of a
+                # pass can be retried, so wait a moment and go on serving.
+                self.log.warning("database_busy", error=exc.message)
+                time.sleep(_DB_BUSY_PAUSE)
+
+    def _pass(self) -> bool:
+        """One turn of the loop; True when the loop is done."""
+        now = time.monotonic()
+        self._check_barrier()
+        if self._stop.requested and self._stop.grace_deadline is None:
+            self._begin_stop(now)
+        if self._stop.grace_deadline is not None:
+            if not self._running and not self._results:
+                return True
+            if self._stop.requested > 1 or now >= self._stop.grace_deadline:
+                self._hard_stop()
+                return True
+        else:
+            self._fill()
+            if self._finished_serving(now):
+                return True
+        self._collect(self._wait_time())
+        self._check_children()
+        self._flush()
+        self._heartbeat()
+        return False
 
     def _wait_time(self) -> float:
         if self._running or self._seq_waiting is not None or self._results:
@@ -170,10 +187,13 @@ class Supervisor:
         wait = min(_IDLE_POLL, max(0.0, self._next_heartbeat - time.monotonic()))
         due = self.queue.next_run_at()
         if due is not None:
-            wait = min(wait, max(0.005, due - time.time()))
+            # Due already and still not claimed: another process holds the barrier or runs the
+            # jobs ahead. Its release pokes nobody, so poll, but gently.
+            ahead = due - time.time()
+            wait = min(wait, _BLOCKED_POLL if ahead <= 0 else max(0.005, ahead))
         return wait
 
-    def _listen(self, listener: WakeListener) -> None:
+    def _listen(self, listener: QueueListener) -> None:
         while self._pool is not None or not self.ready.is_set():
             try:
                 if listener.wait(1.0):
@@ -191,6 +211,8 @@ class Supervisor:
         room = 2 * self.settings.workers - len(self._running)
         if room <= 0 or any(not r.job.parallel for r in self._running.values()):
             return
+        if self._barrier.mode == "exclusive":
+            return  # a sequential job's outcome is not recorded yet (the database was busy)
         if not self._barrier.try_shared():
             return  # another process runs a sequential job
         jobs = self.queue.claim(self._owner, room, self.settings.lease, start=True)
@@ -214,12 +236,32 @@ class Supervisor:
                 self._barrier_logged = True
             return
         self._barrier_logged = False
-        self._seq_waiting = None
         started = self.queue.start_claimed(self._owner, [job], self.settings.lease)
+        self._seq_waiting = None
         if started:
             self._dispatch(started)
         else:
             self._barrier.release()
+
+    def _check_barrier(self) -> None:
+        """A barrier hold lost with its connection (PostgreSQL) no longer keeps other hosts
+        out: stop every job running under it and hand it back (not counted) before the
+        barrier is taken again (contract, Crash safety)."""
+        barrier = self._barrier
+        if barrier is None or barrier.mode is None or barrier.healthy():
+            return
+        assert self._pool is not None
+        victims = list(self._running.values())
+        self.log.warning("barrier_lost", mode=barrier.mode, running=len(victims))
+        if victims:
+            self._pool.restart()
+            for running in victims:
+                self._kill_group(running)
+                self._settle(
+                    running, AttemptResult(Outcome.HANDED_BACK, error="barrier connection lost")
+                )
+            self._flush()
+        barrier.release()
 
     def _dispatch(self, jobs: list[QueuedJob]) -> None:
         assert self._pool is not None
@@ -277,15 +319,18 @@ class Supervisor:
     def _check_children(self) -> None:
         assert self._pool is not None
         now = time.monotonic()
+        ended = self._ended_in_job
         for running in list(self._running.values()):
             if running.pid is not None:
                 crashed = self._pool.exit_of(running.pid)
                 if crashed is not None:
+                    known = crashed.signal is not None or crashed.exit_code is not None
                     if running.dead_since is None:
                         running.dead_since = now
-                    elif now - running.dead_since >= _CRASH_CONFIRM:
+                    elif now - running.dead_since >= (_CRASH_CONFIRM if known else _CRASH_DETAIL):
                         self._kill_group(running)
                         self._settle(running, crashed)
+                        ended.add(running.pid)
                     continue
             began = running.started or running.dispatched
             margin = _REPLAY_BACKSTOP if running.pgid is not None else 0.0
@@ -293,23 +338,41 @@ class Supervisor:
                 self._kill_group(running)
                 if running.pid is not None:
                     self._pool.kill_child(running.pid)
+                    ended.add(running.pid)
                 self._settle(
                     running,
                     AttemptResult(Outcome.TIMEOUT, error=f"timed out after {running.limit:g}s"),
                 )
-        self._pool.forget_dead({r.pid for r in self._running.values() if r.pid is not None})
+        dropped = self._pool.forget_dead(
+            {r.pid for r in self._running.values() if r.pid is not None}
+        )
+        unexpected = set(dropped) - ended
+        ended.difference_update(dropped)
+        if unexpected:
+            # Died without a job we know of (killed while idle, or before it reported a
+            # start): it may have taken the pool's task lock with it.
+            self.log.warning("pool_child_died", pids=sorted(unexpected))
+            self._pool_suspect = True
         self._check_stall(now)
 
     def _check_stall(self, now: float) -> None:
-        """A child killed while idle can wedge ``Pool`` (it held the task lock): restart it."""
+        """A child killed while idle can wedge ``Pool`` (it held the task lock): restart it.
+
+        After such a death, at once if no job runs in a child (nothing is lost: jobs the pool
+        still holds go back to the queue untouched); otherwise once dispatched jobs have waited
+        for a child for ``_STALL`` seconds although a child should be free.
+        """
         assert self._pool is not None
         waiting = [r for r in self._running.values() if r.pid is None]
         busy = len(self._running) - len(waiting)
-        if not waiting or busy >= self.settings.workers:
-            return
-        if now - min(r.dispatched for r in waiting) < _STALL:
-            return
+        if not (self._pool_suspect and busy == 0):
+            if not waiting or busy >= self.settings.workers:
+                return
+            if now - min(r.dispatched for r in waiting) < _STALL:
+                return
         self.log.warning("pool_restarted", waiting=len(waiting), busy=busy)
+        self._pool_suspect = False
+        self._ended_in_job.clear()
         victims = list(self._running.values())
         self._pool.restart()
         for running in victims:
@@ -318,8 +381,11 @@ class Supervisor:
 
     @staticmethod
     def _kill_group(running: Running) -> None:
+        """Kill what the attempt started: the replayed command's group, the child's group."""
         if running.pgid is not None:
             procinfo.kill_process_group(running.pgid)
+        if running.pid is not None:
+            procinfo.kill_process_group(running.pid)
 
     # -- recording outcomes ----------------------------------------------------------------
 
@@ -328,12 +394,16 @@ class Supervisor:
             return
         results, self._results = self._results, []
         by_id = {r.job.id: (r, res) for r, res in results}
-        finished = self.queue.finish(
-            [(r.job, res) for r, res in results],
-            max_retries=self.settings.max_retries,
-            backoff_base=self.settings.backoff_base,
-            owner=self._owner,
-        )
+        try:
+            finished = self.queue.finish(
+                [(r.job, res) for r, res in results],
+                max_retries=self.settings.max_retries,
+                backoff_base=self.settings.backoff_base,
+                owner=self._owner,
+            )
+        except BaseException:
+            self._results = results + self._results  # nothing was recorded: try again
+            raise
         self._last_activity = time.monotonic()
         for item in finished:
             running, result = by_id[item.job.id]
@@ -398,13 +468,21 @@ class Supervisor:
                 self._log_outcome(item.finished, AttemptResult(item.finished.outcome), None)
 
     def _kill_recorded(self, row: dict[str, Any]) -> None:
-        """Before a job is taken back, no code of its interrupted attempt may still run."""
+        """Before a job is taken back, no code of its interrupted attempt may still run.
+
+        Only what provably belongs to the attempt is killed: the pool child must still be the
+        same process (pid and start time); the command's process group must still run this job
+        (a member's environment names it), since its number may since have been reused by an
+        unrelated group (long after, or after a reboot).
+        """
         if row.get("owner_host") != self.settings.host_id:
             return
-        if row.get("pgid"):
-            procinfo.kill_process_group(int(row["pgid"]))
+        pgid = row.get("pgid")
+        if pgid and _group_runs_job(int(pgid), str(row["id"])):
+            procinfo.kill_process_group(int(pgid))
         worker = row.get("worker_pid")
         if worker and procinfo.is_alive(int(worker), row.get("worker_start")):
+            procinfo.kill_process_group(int(worker))  # it leads a group: what its handler started
             try:
                 os.kill(int(worker), signal.SIGKILL)
             except ProcessLookupError:
@@ -422,10 +500,12 @@ class Supervisor:
         return self.idle_exit is not None and now - self._last_activity > self.idle_exit
 
     def _begin_stop(self, now: float) -> None:
-        self._stop.grace_deadline = now + self.settings.grace
+        if self._pool is not None:
+            self._pool.stop_starting()
         if self._seq_waiting is not None:
             self.queue.release_claimed(self._owner, [self._seq_waiting])
             self._seq_waiting = None
+        self._stop.grace_deadline = now + self.settings.grace  # last: the above may be retried
         self.log.info("supervisor_stopping", running=len(self._running), grace=self.settings.grace)
 
     def _hard_stop(self) -> None:
@@ -438,10 +518,10 @@ class Supervisor:
             )
         self._flush()
 
-    def _shutdown(self, listener: WakeListener) -> None:
+    def _shutdown(self, listener: QueueListener) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            if self._running:
+            if self._running or self._results:
                 self._hard_stop_pool(pool)
             pool.shutdown()
         if self._barrier is not None:
@@ -457,7 +537,42 @@ class Supervisor:
         pool.kill_all(pgids)
         for running in list(self._running.values()):
             self._settle(running, AttemptResult(Outcome.HANDED_BACK, error="supervisor stopped"))
+        for tries_left in (2, 1, 0):
+            try:
+                self._flush()
+                return
+            except DatabaseBusyError as exc:
+                if not tries_left:
+                    self.log.warning("hand_back_failed", error=exc.message)
+                    return
+                time.sleep(_DB_BUSY_PAUSE)
+            except Exception as exc:
+                self.log.warning("hand_back_failed", error=str(exc))
+                return
+
+
+def _group_runs_job(pgid: int, job_id: str) -> bool:
+    """Whether a live member of process group ``pgid`` runs job ``job_id``.
+
+    A replayed command gets ``GRAPHITI_MPQ_JOB_ID`` in its environment and so do the processes
+    it starts; a group that reused the number of a dead one has no such member.
+    """
+    wanted = f"GRAPHITI_MPQ_JOB_ID={job_id}".encode()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False
+    for entry in entries:
+        if not entry.isdigit():
+            continue
         try:
-            self._flush()
-        except Exception as exc:
-            self.log.warning("hand_back_failed", error=str(exc))
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+            if len(fields) < 3 or fields[0] == b"Z" or int(fields[2]) != pgid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if wanted in f.read().split(b"\0"):
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False

@@ -6,28 +6,40 @@ child processes, so job code never runs inside the host process.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from .config import Settings, load_settings
 from .logs import ensure_configured, get_logger
-from .storage.sqlite import JobQueue
 from .supervisor import Supervisor
 
+if TYPE_CHECKING:
+    from .storage.base import QueueStore
 
-def _settings_for(queue: JobQueue) -> Settings:
+    # Supervisor is typed against JobQueue until it switches to QueueStore: cast at the call.
+
+
+def _settings_for(queue: QueueStore) -> Settings:
     return load_settings(queue.location)
 
 
 class BackgroundWorker:
-    """Serves the queue from a thread of this process until ``stop()``."""
+    """Serves the queue from a thread of this process until ``stop()``.
 
-    def __init__(self, job_queue: JobQueue, settings: Settings | None = None) -> None:
+    The thread does not keep the host process alive: when the host exits without calling
+    ``stop()``, an exit hook stops the worker like ``stop()`` does (running jobs get the grace
+    period, then go back to the queue).
+    """
+
+    def __init__(self, job_queue: QueueStore, settings: Settings | None = None) -> None:
         self._queue = job_queue
         self._settings = settings
         self._thread: threading.Thread | None = None
         self._supervisor: Supervisor | None = None
         self._lock = threading.Lock()
+        self._exit_hook = False
 
     def start(self) -> None:
         with self._lock:
@@ -37,9 +49,13 @@ class BackgroundWorker:
             settings = self._settings or _settings_for(self._queue)
             self._supervisor = Supervisor(self._queue, settings, kind="worker")
             self._thread = threading.Thread(
-                target=self._supervisor.run, name="graphiti_mpq-worker", daemon=False
+                target=self._supervisor.run, name="graphiti_mpq-worker", daemon=True
             )
             self._thread.start()
+            if not self._exit_hook:
+                # Runs before multiprocessing's own exit hook (registered earlier: LIFO).
+                atexit.register(self._stop_at_exit)
+                self._exit_hook = True
         get_logger().info("background_worker_started", queue=self._queue.location)
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
@@ -64,16 +80,20 @@ class BackgroundWorker:
             self._thread = None
         get_logger().info("background_worker_stopped")
 
+    def _stop_at_exit(self) -> None:
+        supervisor = self._supervisor
+        if self.is_running() and supervisor is not None:
+            self.stop(supervisor.settings.grace)
+
     def is_running(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
 
-def drain_once(job_queue: JobQueue, settings: Settings | None = None) -> tuple[int, int]:
+def drain_once(job_queue: QueueStore, settings: Settings | None = None) -> tuple[int, int]:
     """Work every job eligible now; returns (attempts succeeded, attempts failed)."""
     ensure_configured()
-    supervisor = Supervisor(
-        job_queue, settings or _settings_for(job_queue), kind="drain", mode="drain"
-    )
+    settings = settings or _settings_for(job_queue)
+    supervisor = Supervisor(job_queue, settings, kind="drain", mode="drain")
     summary = supervisor.run()
     return summary.succeeded, summary.failed

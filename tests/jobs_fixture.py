@@ -87,11 +87,14 @@ def segv(payload: dict[str, Any]) -> Any:
 
 @graphiti_mpq.handler("record")
 def record(payload: dict[str, Any]) -> Any:
-    """Append {name, start, end, pid} to payload["log"], sleeping payload["seconds"] between."""
+    """Append {name, start, end, by} to payload["log"] (by: the serving process's pid)."""
     start = time.time()
     time.sleep(float(payload.get("seconds", 0.2)))
     end = time.time()
-    _append(payload["log"], {"name": payload["name"], "start": start, "end": end})
+    _append(
+        payload["log"],
+        {"name": payload["name"], "start": start, "end": end, "by": serving_ancestor()},
+    )
     return payload["name"]
 
 
@@ -139,3 +142,19 @@ def sleep(payload: dict[str, Any]) -> Any:
         _append(payload["log"], {"name": payload.get("name"), "pid": os.getpid()})
     time.sleep(float(payload.get("seconds", 1.0)))
     return payload.get("name")
+
+
+@graphiti_mpq.handler("gate")
+def gate(payload: dict[str, Any]) -> Any:
+    """Record the start, wait until the file payload["release"] exists, record the interval."""
+    start = time.time()
+    _write(payload["started"], str(os.getpid()))
+    deadline = time.monotonic() + 60.0
+    while not os.path.exists(payload["release"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    end = time.time()
+    _append(
+        payload["log"],
+        {"name": payload["name"], "start": start, "end": end, "by": serving_ancestor()},
+    )
+    return payload["name"]

@@ -107,23 +107,29 @@ class Serving:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still runs after {timeout}s:\n{self.log()}") from None
+            raise AssertionError(
+                f"{self.name} still runs after {timeout}s:\n{self.log()}"
+            ) from None
 
     def descendants(self) -> list[int]:
         return descendants(self.pid)
 
     def kill_all(self) -> None:
-        """Teardown: kill the process and everything in its session, then reap it."""
+        """Teardown: kill the process and everything in its session, then reap it.
+
+        The session's group is killed even when the process already ended: after a failed test
+        something of it may still run (the group keeps its number while any member runs).
+        """
         if self.proc.poll() is None:
             for pid in self.descendants():
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.proc.wait(10)
 
 
@@ -216,9 +222,10 @@ PROGRAM = """\
       attempt) echo "$GRAPHITI_MPQ_ATTEMPT" >> "$1"; [ "$GRAPHITI_MPQ_ATTEMPT" -ge "$2" ] ;;
       hang)
         # a grandchild in the command's process group, then hang; record both pids
+        echo "$GRAPHITI_MPQ_ATTEMPT" >> "$1.attempts"
+        if [ -e "$1.release" ]; then exit 0; fi
         sleep 1000 &
         echo "$$ $!" > "$1.tmp"; mv "$1.tmp" "$1"
-        echo "$GRAPHITI_MPQ_ATTEMPT" >> "$1.attempts"
         wait ;;
       hang_once)
         # like hang on attempt 1; succeeds on a later attempt

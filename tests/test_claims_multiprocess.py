@@ -1,4 +1,4 @@
-"""Several real processes claim from one SQLite queue at once.
+"""Several real processes claim from one queue at once, on each backend (SQLite, PostgreSQL).
 
 Four worker processes run ``get_batch`` / ``ack`` in a loop until nothing is pending. Each
 records what it claimed; the test then checks that every job was claimed exactly once, none was
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from graphiti_mpq.storage.sqlite import JobQueue
+from graphiti_mpq.storage import open_queue
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -31,11 +31,11 @@ SEQUENTIAL_JOBS = 24
 
 WORKER = """
     import json, os, random, sys, time
-    from graphiti_mpq.storage.sqlite import JobQueue
+    from graphiti_mpq.storage import open_queue
 
     path, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rng = random.Random(seed)
-    q = JobQueue(path, busy_timeout=30.0).open()
+    q = open_queue(path, busy_timeout=30.0)
     q.get_batch(0)  # register before the start, so every worker starts claiming at once
     print("ready", flush=True)
     sys.stdin.readline()  # the go signal
@@ -76,14 +76,14 @@ def workers(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def test_concurrent_claims_take_every_job_exactly_once_and_honour_the_barrier(
-    queue_path: str, tmp_path: Path, workers: list[subprocess.Popen[str]]
+    store_location: str, tmp_path: Path, workers: list[subprocess.Popen[str]]
 ) -> None:
     rng = random.Random(1234)
     kinds = [True] * PARALLEL_JOBS + [False] * SEQUENTIAL_JOBS
     rng.shuffle(kinds)
     kinds[0] = False  # a sequential job at the head, and two in a row somewhere
     kinds[200] = kinds[201] = False
-    queue = JobQueue(queue_path).open()
+    queue = open_queue(store_location)
     try:
         ids = queue.enqueue_many(
             [{"job_type": "t", "payload": {"i": i}, "parallel": p} for i, p in enumerate(kinds)]
@@ -92,7 +92,7 @@ def test_concurrent_claims_take_every_job_exactly_once_and_honour_the_barrier(
         queue.close()
     parallel_of = dict(zip(ids, kinds, strict=True))
 
-    reports = _run_workers(queue_path, tmp_path, workers)
+    reports = _run_workers(store_location, tmp_path, workers)
 
     # every job claimed exactly once, by the worker whose ack stored its result
     claimed_by: dict[str, int] = {}
@@ -103,7 +103,7 @@ def test_concurrent_claims_take_every_job_exactly_once_and_honour_the_barrier(
     assert set(claimed_by) == set(ids)
     assert sum(1 for r in reports if r["batches"]) >= 2, "the workers did not run concurrently"
 
-    queue = JobQueue(queue_path).open()
+    queue = open_queue(store_location)
     try:
         stats = queue.get_stats()
         assert (stats.succeeded, stats.pending, stats.running, stats.dead_letter) == (
@@ -137,7 +137,7 @@ def test_concurrent_claims_take_every_job_exactly_once_and_honour_the_barrier(
 
 
 def _run_workers(
-    queue_path: str, tmp_path: Path, workers: list[subprocess.Popen[str]]
+    location: str, tmp_path: Path, workers: list[subprocess.Popen[str]]
 ) -> list[dict[str, Any]]:
     """Start the workers, let them all go at once, and return their reports."""
     script = tmp_path / "worker.py"
@@ -148,7 +148,7 @@ def _run_workers(
     for n, out in enumerate(outs):
         workers.append(
             subprocess.Popen(
-                [sys.executable, str(script), queue_path, str(out), str(n)],
+                [sys.executable, str(script), location, str(out), str(n)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

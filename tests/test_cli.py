@@ -621,9 +621,15 @@ def test_db_in_a_read_only_location(tmp_path: Path) -> None:
         db.chmod(0o600)
 
 
-def test_postgres_location_without_the_backend() -> None:
+def test_postgres_location_without_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # the postgres extra is not installed
     stderr = fails(1, "--db", "postgresql://localhost/x", "status")
-    assert "postgres" in stderr.lower()
+    assert "pip install 'graphiti-mpq[postgres]'" in stderr
+
+
+def test_an_unreachable_postgres_server_is_one_line() -> None:
+    stderr = fails(1, "--db", "postgresql://postgres:s3cret@127.0.0.1:1/x", "status")
+    assert "cannot reach the queue database" in stderr and "s3cret" not in stderr
 
 
 # -- a database locked by another process ----------------------------------------------------

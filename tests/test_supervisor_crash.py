@@ -6,11 +6,15 @@ reason within seconds, the pool is restored, and a later job still runs.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from .helpers import wait_until
 from .serving import (
     FIXTURE,
     Serving,
@@ -53,7 +57,6 @@ def test_crashing_children_are_recorded_and_the_pool_is_restored(
         "--backoff-base",
         "0.1",
     )
-    pool_before = len(sup.descendants())
     for job_type, (sig, code) in crashers.items():
         wait_state(q, ids[job_type], "dead")
         (attempt,) = q.get_attempts(ids[job_type])
@@ -69,7 +72,7 @@ def test_crashing_children_are_recorded_and_the_pool_is_restored(
     wait_state(q, later, "succeeded")
     assert q.get_job(later).result == 7
     assert sup.proc.poll() is None
-    assert len(sup.descendants()) == pool_before
+    wait_until(lambda: len(_pool_children(sup)) == 2, 20.0, what="a full pool of 2 children")
     q.close()
 
 
@@ -120,4 +123,45 @@ def test_a_hung_replay_times_out_and_no_grandchild_survives(
     wait_gone([command, grandchild], what="the command and its grandchild")
     later = q.enqueue("ok", {"command": "ok"})
     wait_state(q, later, "succeeded")
+    q.close()
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[1])
+
+
+def _pool_children(sup: Serving) -> list[int]:
+    """The pool's children: under forkserver, the fork server's children."""
+    tree = sup.descendants()
+    servers = [
+        pid
+        for pid in tree
+        if _ppid(pid) == sup.pid and b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    return [pid for pid in tree if _ppid(pid) in servers]
+
+
+def test_children_killed_while_idle_do_not_wedge_the_pool(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """An idle child may die holding the pool's task lock: the pool is replaced at once."""
+    q = open_db(queue_path)
+    sup = start(servers, tmp_path, queue_path, "supervise", "--workers", "2", "--import", FIXTURE)
+    children = wait_until(
+        lambda: len(_pool_children(sup)) == 2 and _pool_children(sup), 20.0, what="two children"
+    )
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    wait_gone(children)
+    enqueued = time.time()
+    job = q.enqueue("noop", {"value": "after"}, parallel=True)
+    wait_state(q, job, "succeeded")
+    started = q.get_job(job).started_at
+    assert started is not None
+    # Not the 10 s stall detection: the idle deaths were noticed and the pool replaced.
+    assert [a.outcome for a in q.get_attempts(job)] in (["succeeded"], ["handed_back", "succeeded"])
+    assert q.get_attempts(job)[-1].started_at is not None
+    assert (q.get_attempts(job)[-1].started_at or 0) - enqueued < 5.0, sup.log()
+    sup.wait_event("pool_child_died")
+    assert sup.proc.poll() is None
     q.close()

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import wakeup
@@ -33,6 +32,7 @@ from ..models import (
 )
 from ..retry import retry_delay
 from . import insert, spool
+from .base import Finished, Recovered, Waiting
 from .sqlite_conn import connect, translated
 
 if TYPE_CHECKING:
@@ -43,40 +43,7 @@ _OWNED = "('claimed', 'running')"
 _FINAL = "('succeeded', 'dead', 'cancelled')"
 _TAIL = 4000
 
-
-@dataclass(frozen=True)
-class Finished:
-    """What recording an attempt's outcome did to its job."""
-
-    job: QueuedJob
-    outcome: Outcome
-    #: 'succeeded', 'retry', 'dead' or 'handed_back'
-    disposition: str
-    delay: float | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Recovered:
-    """A job taken back from a dead or silent owner."""
-
-    job: QueuedJob
-    was_running: bool
-    finished: Finished | None
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """Why a pending job has not started."""
-
-    reason: str  # delay, retry, barrier, queue
-    until: float | None
-    ahead: int
-
-    def to_json(self) -> dict[str, Any]:
-        from ..timefmt import iso
-
-        return {"reason": self.reason, "until": iso(self.until), "ahead": self.ahead}
+__all__ = ["Finished", "JobQueue", "Recovered", "Waiting"]
 
 
 class JobQueue:
@@ -108,6 +75,11 @@ class JobQueue:
         self._pid = -1
         self._lock = threading.RLock()
         self._api_owner: int | None = None
+
+    @property
+    def display_location(self) -> str:
+        """The location for messages and logs (the same as ``location`` for a file)."""
+        return self.location
 
     # -- connection and transactions -------------------------------------------------------
 
@@ -141,6 +113,12 @@ class JobQueue:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    @contextmanager
+    def locked_connection(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for a caller's own autocommit statements (errors translated)."""
+        with self._lock, translated(self.location):
+            yield self.connection()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

@@ -117,5 +117,7 @@ def _refuse_foreign(conn: sqlite3.Connection, path: str, version: int) -> None:
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
         )
     }
-    if tables:
+    # Read after the tables: another process may have migrated since our first read of the
+    # version (first use by hooks firing at once); its tables then come with its version.
+    if tables and conn.execute("PRAGMA user_version").fetchone()[0] == 0:
         raise DatabaseError(f"{path} is a SQLite database of something else, not a queue")

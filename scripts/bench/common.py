@@ -59,9 +59,7 @@ def run_task(name: str, timeout: float = 900.0, **params: Any) -> dict[str, Any]
     return result
 
 
-def wait_until(
-    predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01
-) -> T:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -1,0 +1,208 @@
+"""What every backend provides: the store, its barrier and its wake-up listener, as protocols.
+
+``JobQueue`` (SQLite) and ``PostgresQueue`` both satisfy :class:`QueueStore`; the serving loop
+and the CLI are typed against these protocols, so the backend is chosen once, at open
+(``storage.open_queue``). The value types the store returns beside the models live here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..models import (
+    Attempt,
+    AttemptResult,
+    DeadLetterJob,
+    Outcome,
+    QueuedJob,
+    QueueStats,
+    SupervisorInfo,
+)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What recording an attempt's outcome did to its job."""
+
+    job: QueuedJob
+    outcome: Outcome
+    #: 'succeeded', 'retry', 'dead' or 'handed_back'
+    disposition: str
+    delay: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """A job taken back from a dead or silent owner."""
+
+    job: QueuedJob
+    was_running: bool
+    finished: Finished | None
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a pending job has not started."""
+
+    reason: str  # delay, retry, barrier, queue
+    until: float | None
+    ahead: int
+
+    def to_json(self) -> dict[str, Any]:
+        from ..timefmt import iso
+
+        return {"reason": self.reason, "until": iso(self.until), "ahead": self.ahead}
+
+
+class QueueBarrier(Protocol):
+    """The barrier of a queue across every process that serves it.
+
+    Held *shared* while parallel jobs run and *exclusive* while a sequential job runs. On
+    SQLite a file lock (this host); on PostgreSQL a session advisory lock (every host), which
+    the server drops when the holding connection goes: ``healthy()`` then turns False and the
+    holder must stop the jobs running under it before it takes the barrier again.
+    """
+
+    #: None, "shared" or "exclusive"
+    mode: str | None
+
+    def try_shared(self) -> bool:
+        """Hold shared without waiting; False while another process holds it exclusive."""
+        ...
+
+    def acquire_exclusive(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the exclusive hold; False if not granted."""
+        ...
+
+    def release(self) -> None:
+        """Give up the hold (a no-op when nothing is held)."""
+        ...
+
+    def healthy(self) -> bool:
+        """False once a hold was lost (its connection died); True again after ``release``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class QueueListener(Protocol):
+    """Where an idle serving process waits for enqueues."""
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds; True when poked (or when a poke may have been
+        missed). Raises ``ValueError`` or ``OSError`` once closed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class QueueStore(Protocol):
+    """The job store of one queue; every method is one transaction."""
+
+    backend: str
+    location: str
+    capacity: int
+    max_retries: int
+    backoff_base: float
+
+    @property
+    def display_location(self) -> str:
+        """The location for messages and logs (a URL's password masked)."""
+        ...
+
+    def open(self) -> QueueStore: ...
+
+    def close(self) -> None: ...
+
+    def barrier(self) -> QueueBarrier: ...
+
+    def wake_listener(self) -> QueueListener: ...
+
+    # -- enqueue
+    def enqueue(
+        self, job_type: str, payload: dict[str, Any], parallel: bool = False, **options: Any
+    ) -> str: ...
+
+    def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]: ...
+
+    def ingest_spool(self) -> int: ...
+
+    # -- serving processes
+    def register_process(self, kind: str, host: str, lease: float) -> int: ...
+
+    def heartbeat(self, owner: int, lease: float) -> None: ...
+
+    def unregister_process(self, owner: int) -> None: ...
+
+    def list_processes(self, host: str | None = None) -> list[SupervisorInfo]: ...
+
+    # -- claiming and outcomes
+    def claim(
+        self, owner: int, max_items: int, lease: float, *, start: bool = True
+    ) -> list[QueuedJob]: ...
+
+    def start_claimed(self, owner: int, jobs: list[QueuedJob], lease: float) -> list[QueuedJob]: ...
+
+    def record_process(self, job: QueuedJob, worker_pid: int, pgid: int | None) -> None: ...
+
+    def release_claimed(self, owner: int, jobs: list[QueuedJob]) -> None: ...
+
+    def finish(
+        self,
+        results: Iterable[tuple[QueuedJob, AttemptResult]],
+        *,
+        max_retries: int | None = None,
+        backoff_base: float | None = None,
+        owner: int | None = None,
+        force_dead: bool = False,
+    ) -> list[Finished]: ...
+
+    def recover(
+        self,
+        host: str,
+        *,
+        kill: Callable[[dict[str, Any]], None],
+        exclude_owner: int | None = None,
+        max_retries: int | None = None,
+        backoff_base: float | None = None,
+    ) -> list[Recovered]: ...
+
+    # -- the public consumer API
+    def get_batch(self, max_items: int = 1) -> list[QueuedJob]: ...
+
+    def ack(self, job: QueuedJob, result: Any = None) -> None: ...
+
+    def nack(self, job: QueuedJob, error: str) -> None: ...
+
+    def move_to_dead_letter(self, job: QueuedJob, error: str) -> None: ...
+
+    # -- reads
+    def get_job(self, job_id: str) -> QueuedJob: ...
+
+    def list_jobs(self, state: str | None = None, limit: int = 50) -> list[QueuedJob]: ...
+
+    def get_attempts(self, job_id: str) -> list[Attempt]: ...
+
+    def get_stats(self) -> QueueStats: ...
+
+    def get_pending_count(self) -> int: ...
+
+    def count_eligible(self, include_owned: bool = False) -> int: ...
+
+    def next_run_at(self, retries_only: bool = False) -> float | None: ...
+
+    def get_dead_letter_jobs(self, limit: int | None = None) -> list[DeadLetterJob]: ...
+
+    def waiting_for(self, job: QueuedJob) -> Waiting | None: ...
+
+    # -- operator actions
+    def cancel(self, job_id: str) -> QueuedJob: ...
+
+    def retry_dead(self, job_ids: Iterable[str] | None = None) -> list[str]: ...
+
+    def purge_dead(self) -> int: ...
+
+    def purge(self, older_than: float) -> int: ...
