@@ -30,7 +30,7 @@ from .cli_common import (
     table,
 )
 from .config import queue_location
-from .logs import configure_logging, get_logger
+from .fastpath import cli_kwargs
 from .models import Attempt, QueuedJob
 from .status import build_status
 from .storage import Waiting
@@ -76,7 +76,8 @@ def main(ctx: click.Context, db: str | None, log_format: str, verbose: bool, qui
         raise click.UsageError("-v and -q cannot be combined")
     state = CliState(queue_location(db), log_format, 1 if verbose else -1 if quiet else 0)
     ctx.obj = state
-    configure_logging(log_format, state.log_level)
+    # Logging is configured by the commands that log (CliState.configure_logging): importing
+    # structlog would cost every reading command, such as ``status``, tens of milliseconds.
 
 
 # -- enqueue ------------------------------------------------------------------------------
@@ -98,21 +99,10 @@ class JsonValue(AnyParamType):
 
 def _kwargs(kw: tuple[str, ...], flags: tuple[str, ...]) -> dict[str, Any]:
     """``--kw KEY=VALUE`` (strings) and ``--flag KEY`` (True); a repeated key makes a list."""
-    items: list[tuple[str, Any]] = []
-    for text in kw:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--kw")
-        items.append((key, value))
-    items.extend((key, True) for key in flags)
-    result: dict[str, Any] = {}
-    for key, value in items:
-        if key in result:
-            previous = result[key]
-            result[key] = [*previous, value] if isinstance(previous, list) else [previous, value]
-        else:
-            result[key] = value
-    return result
+    try:
+        return cli_kwargs(kw, flags)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--kw") from None
 
 
 def _build_job(
@@ -256,7 +246,11 @@ def enqueue(
         max_retries=max_retries,
         timeout=timeout,
     )
-    get_logger().debug("job_enqueued", job_id=job_id, job_type=job_type, parallel=parallel)
+    if state.verbose:
+        from .logs import get_logger
+
+        state.configure_logging()
+        get_logger().debug("job_enqueued", job_id=job_id, job_type=job_type, parallel=parallel)
     click.echo(job_id)
 
 

@@ -77,6 +77,16 @@ class CliState:
         """Settings for this location: ``options`` (None: not given) > environment > default."""
         return load_settings(self.location, env=None, **options)
 
+    def configure_logging(self) -> None:
+        """Set up the logs as the global options say; commands that log call it first.
+
+        Not done for every command by the group: structlog (and the asyncio it imports) costs
+        tens of milliseconds, and reading commands such as ``status`` never log.
+        """
+        from .logs import configure_logging
+
+        configure_logging(self.log_format, self.log_level)
+
 
 if TYPE_CHECKING:  # click >= 8.2 makes ParamType generic; 8.1 cannot subscript it at run time
     FloatParamType = click.ParamType[float]

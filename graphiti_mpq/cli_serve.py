@@ -1,4 +1,9 @@
-"""The serving commands: ``supervise`` (until a signal) and ``drain`` (until nothing is due)."""
+"""The serving commands: ``supervise`` (until a signal) and ``drain`` (until nothing is due).
+
+The CLI imports this module for every command, so the supervisor (structlog, multiprocessing,
+filelock) is imported inside the commands that serve: ``status`` and the other reading
+commands never pay for it.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .autostart import adopt_lock as adopt_autostart_lock
 from .cli_common import DURATION, CliState, json_out, open_queue_for, pass_state
 from .config import START_METHODS, Settings
-from .supervisor import RunSummary, Supervisor
 
 if TYPE_CHECKING:
-    # Supervisor is typed against JobQueue until it switches to QueueStore: cast at the call.
-    pass
+    from .supervisor import RunSummary
 
 
 def _serving_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,6 +68,10 @@ def supervise(state: CliState, /, idle_exit: float | None, **options: Any) -> No
     Example:
         graphiti_mpq supervise --workers 8 --import myapp.jobs
     """
+    from .autostart import adopt_lock as adopt_autostart_lock
+    from .supervisor import Supervisor
+
+    state.configure_logging()
     adopt_autostart_lock()  # started by an enqueue: hold its lock for our whole life
     settings = _settings(state, options)
     queue = open_queue_for(state, settings)
@@ -89,6 +95,9 @@ def drain(state: CliState, /, wait_retries: bool, as_json: bool, **options: Any)
     Example:
         */5 * * * * graphiti_mpq drain --wait-retries
     """
+    from .supervisor import Supervisor
+
+    state.configure_logging()
     settings = _settings(state, options)
     queue = open_queue_for(state, settings)
     progress = _Progress() if sys.stderr.isatty() and not as_json else None

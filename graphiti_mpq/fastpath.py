@@ -16,6 +16,7 @@ import sys
 # typing costs milliseconds at import and hooks pay for each: names for the checker only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
 
@@ -114,12 +115,17 @@ def _int(text: str, minimum: int | None = None) -> int:
     return value
 
 
-def _kwargs(kw: list[str], flags: list[str]) -> dict[str, Any]:
+def cli_kwargs(kw: Iterable[str], flags: Iterable[str]) -> dict[str, Any]:
+    """``--kw KEY=VALUE`` (strings) and ``--flag KEY`` (True); a repeated key makes a list.
+
+    Shared with the click command, so both paths build the same kwargs; raises ValueError
+    for a ``--kw`` without ``=``.
+    """
     items: list[tuple[str, Any]] = []
     for text in kw:
         key, sep, value = text.partition("=")
         if not sep:
-            raise _Fallback
+            raise ValueError(f"expected KEY=VALUE, got {text!r}")
         items.append((key, value))
     items.extend((key, True) for key in flags)
     result: dict[str, Any] = {}
@@ -136,7 +142,10 @@ def _job(options: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(job type, payload, enqueue options) exactly as the click command builds them."""
     from .locate import parse_duration
 
-    kwargs = _kwargs(options["kw"], options["flag"])
+    try:
+        kwargs = cli_kwargs(options["kw"], options["flag"])
+    except ValueError:
+        raise _Fallback from None
     command = options["command"]
     if "payload" in options:
         if command is not None or kwargs or "cwd" in options or "type" not in options:

@@ -349,8 +349,10 @@ def run_replay(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            # Its own session, so its whole group can be killed. No preexec_fn (it would force
+            # a slow plain fork): whoever outlives the attempt kills the group instead, that is
+            # the pool child's supervisor watch, the supervisor, or crash recovery.
             start_new_session=True,
-            preexec_fn=procinfo.parent_death_preexec(signal.SIGKILL),
         )
     except OSError as exc:
         return _spawn_error(exc, program, cwd)

@@ -12,7 +12,7 @@ import sqlite3
 from . import wakeup
 from .errors import DatabaseBusyError
 from .locate import is_postgres_url, parse_duration, queue_location
-from .storage import insert, spool
+from .storage import insert
 from .storage.sqlite_conn import connect, translate
 
 # typing costs milliseconds at import and hooks pay for each: names for the checker only.
@@ -64,6 +64,8 @@ def enqueue_rows(location: str, rows: list[tuple[Any, ...]]) -> list[str]:
         try:
             conn = connect(location, wait)
         except DatabaseBusyError:
+            from .storage import spool  # only when busy: hooks pay for every import
+
             ids = spool.write(location, rows)
         else:
             try:

@@ -26,6 +26,8 @@ from .pool import Event, WorkerPool
 from .storage.base import Finished, QueueBarrier, QueueListener, QueueStore
 
 _DB_BUSY_PAUSE = 0.2  # after the database stayed busy past its timeout
+_SHORT_JOB = 0.02  # jobs shorter than this on average are claimed in deeper batches
+_CHILD_CHECK = 0.05  # children are checked for crashes and time limits this often (busy)
 _BUSY_TICK = 0.1  # how often running children are checked for crashes and time limits
 _IDLE_POLL = 2.0  # slow fallback poll when no wake-up arrives
 _BLOCKED_POLL = 0.1  # due jobs held back by another process (its barrier, its jobs)
@@ -97,6 +99,8 @@ class Supervisor:
         self._pool: WorkerPool | None = None
         self._barrier: QueueBarrier | None = None
         self._next_heartbeat = 0.0
+        self._next_child_check = 0.0
+        self._job_seconds = 1.0  # moving average of recent attempts' run time
         self._last_activity = time.monotonic()
         self._barrier_logged = False
         self._pool_suspect = False  # a child died without a job: the pool may be wedged
@@ -176,7 +180,9 @@ class Supervisor:
             if self._finished_serving(now):
                 return True
         self._collect(self._wait_time())
-        self._check_children()
+        if time.monotonic() >= self._next_child_check:
+            self._next_child_check = time.monotonic() + _CHILD_CHECK
+            self._check_children()
         self._flush()
         self._heartbeat()
         return False
@@ -208,8 +214,10 @@ class Supervisor:
         if self._seq_waiting is not None:
             self._start_sequential()
             return
-        room = 2 * self.settings.workers - len(self._running)
-        if room <= 0 or any(not r.job.parallel for r in self._running.values()):
+        room = self._prefetch() - len(self._running)
+        if room < (self.settings.workers if self._running else 1):
+            return  # claim in batches: one transaction for many jobs, not one per job
+        if any(not r.job.parallel for r in self._running.values()):
             return
         if self._barrier.mode == "exclusive":
             return  # a sequential job's outcome is not recorded yet (the database was busy)
@@ -304,6 +312,8 @@ class Supervisor:
             return  # a late report of a job already settled (timed out, crashed)
         if kind == "start":
             running.pid, running.started = event[2], time.monotonic()
+            if self._pool is not None:
+                self._pool.refresh()  # know this child's Process now: its exit status if it dies
         elif kind == "spawn":
             running.pgid = event[3]
             self.queue.record_process(running.job, event[2], event[3])
@@ -315,6 +325,19 @@ class Supervisor:
     def _settle(self, running: Running, result: AttemptResult) -> None:
         self._running.pop(running.job.id, None)
         self._results.append((running, result))
+        if running.started is not None:
+            took = time.monotonic() - running.started
+            self._job_seconds += (took - self._job_seconds) * 0.1
+
+    def _prefetch(self) -> int:
+        """How many jobs may be handed to the pool at once.
+
+        Twice the pool size keeps every child busy; for short jobs (under 20 ms on average)
+        the loop, not the children, is the limit, so it claims deeper batches: one claim and
+        one outcome transaction then serve many jobs.
+        """
+        depth = 2 if self._job_seconds > _SHORT_JOB else 8
+        return depth * self.settings.workers
 
     def _check_children(self) -> None:
         assert self._pool is not None
@@ -408,7 +431,10 @@ class Supervisor:
         for item in finished:
             running, result = by_id[item.job.id]
             self._log_outcome(item, result, running)
-        self._release_barrier_if_idle()
+        if self._barrier is not None and self._barrier.mode == "exclusive":
+            # A sequential job ended: let others in at once. A shared hold is kept until a
+            # claim finds nothing, so a busy queue does not retake it for every batch.
+            self._release_barrier_if_idle()
         if self.on_progress is not None:
             self.on_progress(len(finished))
 

@@ -15,6 +15,7 @@ import pytest
 from graphiti_mpq import api
 
 from .backends import PgSchemas, pg_unavailable_reason, pg_url, skip_or_fail, with_schema
+from .serving import Serving, tracked
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +29,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]
     api.reset()
     yield
     api.reset()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Serving]]:
+    """Serving processes a test starts; any still running at its end are killed."""
+    yield from tracked()
 
 
 @pytest.fixture

@@ -757,9 +757,7 @@ def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[
 
 
 @pytest.mark.parametrize("path", list(_commands(main)), ids=" ".join)
-def test_every_operator_command_has_help_with_an_example(path: tuple[str, ...]) -> None:
-    if path[0] in ("supervise", "drain"):
-        pytest.skip("cli_serve documents the serving commands")
+def test_every_command_has_help_with_an_example(path: tuple[str, ...]) -> None:
     out = ok(*path, "--help").stdout
     assert "Example:" in out, out
 

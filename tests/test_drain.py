@@ -8,7 +8,6 @@ supervisor it does not wait for the jobs that process runs.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,10 @@ from .serving import (
     open_db,
     replay_program,
     start,
-    tracked,
     wait_state,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serving]]:
-    yield from tracked()
 
 
 def _drain(

@@ -171,7 +171,7 @@ def test_a_fresh_schema_is_created_and_versioned(pq: PostgresQueue) -> None:
         row[0]
         for row in raw_sql(pq, "SELECT tablename FROM pg_tables WHERE schemaname = ?", (pq.schema,))
     }
-    assert tables == {"jobs", "attempts", "dead_letter", "processes", VERSION_TABLE}
+    assert tables == {"jobs", "attempts", "dead_letter", "processes", "job_counts", VERSION_TABLE}
     assert raw_sql(pq, f"SELECT version FROM {VERSION_TABLE}") == [(SCHEMA_VERSION,)]
     indexes = {
         row[0]
@@ -180,6 +180,54 @@ def test_a_fresh_schema_is_created_and_versioned(pq: PostgresQueue) -> None:
         )
     }
     assert indexes >= {"jobs_claim_order", "jobs_owned", "jobs_dedupe_live", "attempts_job"}
+
+
+def test_a_version_1_schema_is_upgraded_in_place(
+    make_pg: Callable[..., PostgresQueue], pg_location: str
+) -> None:
+    import psycopg
+
+    from graphiti_mpq.storage.pg_conn import MIGRATIONS
+
+    target = parse_location(pg_location)
+    now = time.time()
+    jobs = [  # (id, state, attempts)
+        ("p1", "pending", 0),
+        ("r1", "pending", 2),
+        ("c1", "claimed", 0),
+        ("u1", "running", 1),
+        ("s1", "succeeded", 1),
+        ("d1", "dead", 4),
+        ("x1", "cancelled", 0),
+    ]
+    with psycopg.connect(target.conninfo, autocommit=True) as conn, conn.transaction():
+        conn.execute(f'CREATE SCHEMA "{target.schema}"')
+        conn.execute(f'SET search_path = "{target.schema}"')
+        conn.execute(f"CREATE TABLE {VERSION_TABLE} (version integer NOT NULL)")
+        conn.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (1)")
+        for statement in MIGRATIONS[1]:
+            conn.execute(statement)
+        for offset, (job_id, state, attempts) in enumerate(jobs):
+            conn.execute(
+                "INSERT INTO jobs (id, job_type, payload, parallel, state, attempts, run_at,"
+                " created_at) VALUES (%s, 't', '{}', true, %s, %s, %s, %s)",
+                (job_id, state, attempts, now, now - 100 + offset),
+            )
+        conn.execute(
+            "INSERT INTO dead_letter (job_id, failed_at, errors) VALUES ('d1', %s, '[]')", (now,)
+        )
+    q = make_pg()
+    assert raw_sql(q, f"SELECT version FROM {VERSION_TABLE}") == [(SCHEMA_VERSION,)]
+    assert SCHEMA_VERSION == 2
+    assert raw_sql(q, "SELECT id, state, attempts FROM jobs ORDER BY seq") == jobs
+    stats = q.get_stats()
+    assert (stats.pending, stats.retrying, stats.running) == (3, 1, 1)
+    assert (stats.succeeded, stats.cancelled, stats.dead_letter) == (1, 1, 1)
+    assert stats.oldest_pending_at == pytest.approx(now - 100)
+    q.retry_dead(["d1"])
+    q.cancel("p1")
+    stats = q.get_stats()
+    assert (stats.pending, stats.retrying, stats.cancelled, stats.dead_letter) == (3, 1, 2, 0)
 
 
 def test_opening_again_and_concurrently_migrates_once(

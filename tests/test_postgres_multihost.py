@@ -24,17 +24,12 @@ from graphiti_mpq.storage.base import QueueStore
 
 from .backends import PgSchemas, raw_sql
 from .helpers import wait_until
-from .serving import Serving, serving_env, start, tracked
+from .serving import Serving, serving_env, start
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(300)]
 
 JOBS = "tests.multihost_jobs"
 HOSTS = ("h1", "h2", "h3")
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serving]]:
-    yield from tracked()
 
 
 @pytest.fixture

@@ -215,6 +215,79 @@ def test_a_version_0_database_is_upgraded_in_place(
     assert q.get_job(job_id).state == "pending"
 
 
+def _make_v1_queue(path: str) -> None:
+    """A queue database exactly as schema version 1 left it, with jobs in every state."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN IMMEDIATE")
+    schema.MIGRATIONS[1](conn)
+    conn.execute("PRAGMA user_version = 1")
+    now = time.time()
+    jobs = [
+        # (id, state, attempts, parallel)
+        ("p1", "pending", 0, 1),
+        ("p2", "pending", 0, 0),
+        ("r1", "pending", 2, 1),  # a retry
+        ("c1", "claimed", 0, 0),
+        ("u1", "running", 1, 1),
+        ("s1", "succeeded", 1, 1),
+        ("s2", "succeeded", 3, 1),
+        ("d1", "dead", 4, 1),
+        ("x1", "cancelled", 0, 1),
+    ]
+    for offset, (job_id, state, attempts, parallel) in enumerate(jobs):
+        conn.execute(
+            "INSERT INTO jobs (id, job_type, payload, parallel, priority, state, attempts,"
+            " run_at, created_at, round) VALUES (?, 't', '{}', ?, 0, ?, ?, ?, ?, 0)",
+            (job_id, parallel, state, attempts, now, now - 100 + offset),
+        )
+        for attempt in range(1, attempts + 1):
+            conn.execute(
+                "INSERT INTO attempts (job_id, round, attempt, started_at, outcome)"
+                " VALUES (?, 0, ?, ?, 'failed')",
+                (job_id, attempt, now),
+            )
+    conn.execute(
+        "INSERT INTO dead_letter (job_id, failed_at, errors) VALUES ('d1', ?, '[\"boom\"]')",
+        (now,),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def test_a_version_1_database_is_upgraded_in_place(
+    queue_path: str, make_queue: Callable[..., JobQueue]
+) -> None:
+    _make_v1_queue(queue_path)
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table' AND name <> 'job_counts'"
+    before = {
+        table: sql(queue_path, f"SELECT * FROM {table} ORDER BY 1")
+        for (table,) in sql(queue_path, tables)
+    }
+    assert sql(queue_path, "PRAGMA user_version")[0][0] == 1
+    q = make_queue()
+    assert sql(queue_path, "PRAGMA user_version")[0][0] == schema.SCHEMA_VERSION == 2
+    after = {
+        table: sql(queue_path, f"SELECT * FROM {table} ORDER BY 1")
+        for (table,) in sql(queue_path, tables)
+    }
+    assert after == before  # the data is intact
+    stats = q.get_stats()
+    assert (stats.pending, stats.retrying, stats.running) == (4, 1, 1)
+    assert (stats.succeeded, stats.cancelled, stats.dead_letter) == (2, 1, 1)
+    assert stats.oldest_pending_at == pytest.approx(before["jobs"][0][12])  # p1.created_at
+    assert [d.job.id for d in q.get_dead_letter_jobs()] == ["d1"]
+    # and the kept counts follow what happens next
+    q.cancel("p2")
+    q.retry_dead(["d1"])
+    q.enqueue("t", {})
+    stats = q.get_stats()
+    assert (stats.pending, stats.retrying, stats.cancelled, stats.dead_letter) == (5, 1, 2, 0)
+    q.close()
+    again = make_queue()  # already current: opened without migrating
+    assert again.get_stats() == stats
+
+
 def test_migration_is_idempotent_across_opens(
     queue_path: str, make_queue: Callable[..., JobQueue]
 ) -> None:

@@ -9,9 +9,11 @@ locks, LISTEN/NOTIFY) is tested in test_storage.py and test_postgres.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -730,6 +732,175 @@ def test_oldest_pending_age(q: QueueStore) -> None:
     assert age < 50
     q.cancel(young)
     assert status.build_status(q)["oldest_pending_age"] is None
+
+
+class _Sql:
+    """Raw SQL on one connection of its own to the queue's database (autocommit), for a test
+    that reads behind the store's back hundreds of times."""
+
+    def __init__(self, q: QueueStore) -> None:
+        self.backend = q.backend
+        if q.backend == "sqlite":
+            self.conn: Any = sqlite3.connect(q.location, isolation_level=None)
+        else:
+            from graphiti_mpq.storage.pg_conn import connect, parse_location
+
+            self.conn = connect(parse_location(q.location), "test")
+
+    def __call__(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self.backend != "sqlite":
+            statement = statement.replace("?", "%s")
+        cursor = self.conn.execute(statement, params)
+        return list(cursor.fetchall()) if cursor.description else []
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _scanned_stats(sql: _Sql) -> dict[str, int]:
+    """The counts of get_stats, by a full scan of the jobs table."""
+    rows = sql("SELECT state, attempts > 0, count(*) FROM jobs GROUP BY state, attempts > 0")
+    by_state: dict[str, int] = {}
+    for state, _, n in rows:
+        by_state[state] = by_state.get(state, 0) + n
+    return {
+        "pending": by_state.get("pending", 0) + by_state.get("claimed", 0),
+        "retrying": sum(n for state, tried, n in rows if state == "pending" and tried),
+        "running": by_state.get("running", 0),
+        "succeeded": by_state.get("succeeded", 0),
+        "cancelled": by_state.get("cancelled", 0),
+        "dead_letter": by_state.get("dead", 0),
+    }
+
+
+def _kept_stats(q: QueueStore) -> dict[str, int]:
+    stats = q.get_stats()
+    return {
+        key: getattr(stats, key)
+        for key in ("pending", "retrying", "running", "succeeded", "cancelled", "dead_letter")
+    }
+
+
+def _op_enqueue(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    q.enqueue("t", {}, rng.random() < 0.7, priority=rng.randint(0, 2))
+
+
+def _op_enqueue_many(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    count = rng.randint(0, 5)
+    q.enqueue_many([{"job_type": "t", "payload": {}, "parallel": True} for _ in range(count)])
+
+
+def _op_enqueue_dedupe(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    q.enqueue("t", {}, True, dedupe_key=f"k{rng.randint(0, 3)}")
+
+
+def _op_claim_and_finish(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    for job in q.get_batch(rng.randint(1, 3)):
+        how = rng.choice([q.ack, q.nack, q.move_to_dead_letter])
+        if how == q.ack:
+            q.ack(job)
+        else:
+            how(job, "failed")
+
+
+def _op_hand_back(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    jobs = q.claim(owner, 2, 60.0)
+    if jobs and jobs[0].state == "claimed":
+        jobs = q.start_claimed(owner, jobs, 60.0)
+    q.finish([(job, AttemptResult(Outcome.HANDED_BACK)) for job in jobs], owner=owner)
+
+
+def _op_claim_release(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    q.release_claimed(owner, q.claim(owner, 2, 60.0, start=False))
+
+
+def _op_lease_lost(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    for job in q.claim(owner, 2, 60.0, start=rng.random() < 0.5):
+        sql("UPDATE jobs SET lease_until = 0 WHERE id = ?", (job.id,))
+    q.recover("another-host", kill=lambda row: None, max_retries=1, backoff_base=0.0)
+
+
+def _op_cancel(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    pending = q.list_jobs("pending", limit=5)
+    if pending:
+        with contextlib.suppress(WrongStateError):  # claimed (starting): not cancellable
+            q.cancel(rng.choice(pending).id)
+
+
+def _op_retry_dead(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    dead = q.list_jobs("dead", limit=3)
+    with contextlib.suppress(WrongStateError):  # its dedupe key belongs to a live job now
+        if rng.random() < 0.3:
+            q.retry_dead()
+        elif dead:
+            q.retry_dead([dead[0].id])
+
+
+def _op_purge(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    if rng.random() < 0.5:
+        q.purge(0.0)
+    else:
+        q.purge_dead()
+
+
+def _op_spool(q: QueueStore, sql: _Sql, rng: Any, owner: int) -> None:
+    if q.backend == "sqlite":  # PostgreSQL has no spool
+        from graphiti_mpq.storage import insert, spool
+
+        spool.write(q.location, [insert.prepare_row("t", {}, True) for _ in range(2)])
+        q.ingest_spool()
+
+
+#: The store's whole write surface, as random operations for the counts test.
+_OPERATIONS = [
+    _op_enqueue,
+    _op_enqueue_many,
+    _op_enqueue_dedupe,
+    _op_claim_and_finish,
+    _op_claim_and_finish,
+    _op_hand_back,
+    _op_claim_release,
+    _op_lease_lost,
+    _op_cancel,
+    _op_retry_dead,
+    _op_purge,
+    _op_spool,
+]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kept_counts_match_a_full_scan_after_random_operations(
+    make_queue: Callable[..., QueueStore], seed: int
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    q = make_queue(max_retries=1)
+    owner = q.register_process("supervise", HOST, 60.0)
+    sql = _Sql(q)
+    done = set()
+    try:
+        for _ in range(150):
+            operation = rng.choice(_OPERATIONS)
+            operation(q, sql, rng, owner)
+            done.add(operation.__name__)
+            sql("UPDATE jobs SET run_at = run_at - 1 WHERE state = 'pending'")  # retries fall due
+            scanned = _scanned_stats(sql)
+            assert _kept_stats(q) == scanned, sorted(done)
+            assert q.get_pending_count() == scanned["pending"]
+    finally:
+        sql.close()
+    assert len(done) == len(set(_OPERATIONS))
+
+
+def test_counts_stay_few_rows_however_many_writes(q: QueueStore) -> None:
+    for _ in range(100):
+        q.enqueue("t", {}, True)
+    q.ack(q.get_batch(1)[0])
+    stats = q.get_stats()
+    assert (stats.pending, stats.succeeded) == (99, 1)
+    q.get_stats()  # PostgreSQL folds the deltas the triggers appended
+    assert count(q, "job_counts") <= 8
 
 
 # -- crash recovery ------------------------------------------------------------------------

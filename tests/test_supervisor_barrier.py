@@ -9,24 +9,18 @@ served.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .helpers import wait_until
-from .serving import FIXTURE, Serving, open_db, start, tracked, wait_state
+from .serving import FIXTURE, Serving, open_db, start, wait_state
 
 pytestmark = pytest.mark.timeout(120)
 
 BATCHES = 3
 PARALLEL_PER_BATCH = 10  # more than one process's pool takes at once: both must serve
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serving]]:
-    yield from tracked()
 
 
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:

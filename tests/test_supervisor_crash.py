@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,11 @@ from .serving import (
     read_pids,
     replay_program,
     start,
-    tracked,
     wait_gone,
     wait_state,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serving]]:
-    yield from tracked()
 
 
 def test_crashing_children_are_recorded_and_the_pool_is_restored(

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,17 +28,11 @@ from .serving import (
     read_pids,
     replay_program,
     start,
-    tracked,
     wait_gone,
     wait_state,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serving]]:
-    yield from tracked()
 
 
 @pytest.mark.parametrize("restart_with", ["supervise", "drain"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,10 @@ from .serving import (
     replay_program,
     serving_env,
     start,
-    tracked,
     wait_state,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serving]]:
-    yield from tracked()
 
 
 def test_retries_back_off_then_dead_letter_without_blocking_a_worker(

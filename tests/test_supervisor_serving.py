@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,11 @@ from .serving import (
     replay_program,
     serving_env,
     start,
-    tracked,
     wait_gone,
     wait_state,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serving]]:
-    yield from tracked()
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,11 @@ from .serving import (
     read_pids,
     replay_program,
     start,
-    tracked,
     wait_gone,
     wait_state,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Serving]]:
-    yield from tracked()
 
 
 def _lines(path: Path) -> list[dict[str, object]]:

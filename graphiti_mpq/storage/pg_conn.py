@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import psycopg
 
 DEFAULT_SCHEMA = "graphiti_mpq"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VERSION_TABLE = "graphiti_mpq_version"
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -316,8 +316,74 @@ _V1 = (
     )""",
 )
 
+_RETRYING = "state = 'pending' AND attempts > 0"
+
+#: Counts of jobs per state (and ``retrying``: pending with attempts > 0) without counting a
+#: million rows. Statement-level triggers append one delta row per key a statement changed, so
+#: concurrent writers never wait on (or deadlock over) shared count rows; ``get_stats`` sums
+#: the deltas, and ``fold_counts`` folds them back into one row per key now and then.
+_V2 = (
+    "CREATE TABLE job_counts (key text NOT NULL, n bigint NOT NULL)",
+    f"""CREATE FUNCTION job_counts_apply() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO job_counts (key, n)
+            SELECT key, sum(d) FROM (
+                SELECT state AS key, 1 AS d FROM new_rows
+                UNION ALL SELECT 'retrying', 1 FROM new_rows WHERE {_RETRYING}
+            ) AS delta GROUP BY key;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO job_counts (key, n)
+            SELECT key, sum(d) FROM (
+                SELECT state AS key, -1 AS d FROM old_rows
+                UNION ALL SELECT 'retrying', -1 FROM old_rows WHERE {_RETRYING}
+            ) AS delta GROUP BY key;
+        ELSE
+            INSERT INTO job_counts (key, n)
+            SELECT key, sum(d) FROM (
+                SELECT state AS key, 1 AS d FROM new_rows
+                UNION ALL SELECT 'retrying', 1 FROM new_rows WHERE {_RETRYING}
+                UNION ALL SELECT state, -1 FROM old_rows
+                UNION ALL SELECT 'retrying', -1 FROM old_rows WHERE {_RETRYING}
+            ) AS delta GROUP BY key HAVING sum(d) <> 0;
+        END IF;
+        RETURN NULL;
+    END $$""",
+    # Triggers first: they lock jobs against writers until the migration commits, so the
+    # backfill below sees every row written before and the triggers every row written after.
+    "CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION job_counts_apply()",
+    "CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION job_counts_apply()",
+    "CREATE TRIGGER jobs_count_update AFTER UPDATE ON jobs"
+    " REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION job_counts_apply()",
+    "INSERT INTO job_counts (key, n) SELECT state, count(*) FROM jobs GROUP BY state"
+    f" UNION ALL SELECT 'retrying', count(*) FROM jobs WHERE {_RETRYING}",
+    # The latest dead letters (status).
+    "CREATE INDEX dead_letter_failed_at ON dead_letter (failed_at)",
+)
+
 #: The statements of each version. Append a version to change the schema.
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1}
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
+
+#: Delta rows of ``job_counts`` beyond which they are folded.
+FOLD_COUNTS_AFTER = 64
+
+
+def fold_counts(conn: psycopg.Connection[Any], key: int) -> None:
+    """Fold the delta rows of ``job_counts`` into one row per key, inside the caller's
+    transaction. Writers only append deltas, so this waits for none of them; ``key`` (an
+    advisory lock) keeps two folds apart, and a fold that finds it taken is skipped."""
+    row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone()
+    if row is None or not _first(row):
+        return
+    conn.execute(
+        "WITH gone AS (DELETE FROM job_counts RETURNING key, n)"
+        " INSERT INTO job_counts (key, n)"
+        " SELECT key, sum(n) FROM gone GROUP BY key HAVING sum(n) <> 0"
+    )
 
 
 def _found_version(conn: psycopg.Connection[Any], target: PgTarget) -> int | None:

@@ -47,9 +47,11 @@ from ..retry import retry_delay
 from . import insert
 from .base import Finished, Recovered, Waiting
 from .pg_conn import (
+    FOLD_COUNTS_AFTER,
     channel_name,
     connect,
     drop,
+    fold_counts,
     is_connection_error,
     lock_key,
     migrate,
@@ -75,6 +77,7 @@ _FINAL = "('succeeded', 'dead', 'cancelled')"
 _TAIL = 4000
 _CLAIM_LOCK = 1
 _BARRIER_LOCK = 2
+_COUNTS_LOCK = 3
 _CLOCK_SLACK = 1.0  # clock offsets below this are noise (and same-host clocks agree exactly)
 
 _INSERT = (
@@ -365,7 +368,12 @@ class PostgresQueue:
                 f"UPDATE jobs SET lease_until = %s WHERE owner = %s AND state IN {_OWNED}",
                 (now + lease, owner),
             )
+            # Serving processes keep the count deltas few (see pg_conn.fold_counts).
+            row = conn.execute("SELECT count(*) AS n FROM job_counts").fetchone()
+            if row is not None and row["n"] > FOLD_COUNTS_AFTER:
+                fold_counts(conn, counts_key)
 
+        counts_key = lock_key(self._keys(), _COUNTS_LOCK)
         self._run(work)
 
     def unregister_process(self, owner: int) -> None:
@@ -864,31 +872,40 @@ class PostgresQueue:
         return [Attempt(**row) for row in rows]
 
     def get_stats(self) -> QueueStats:
+        # Counts from the deltas the triggers keep (schema v2); the oldest pending job from
+        # the (state, seq) index. One snapshot: the statement's.
         rows = self._select(
-            "SELECT state, count(*) AS n, count(*) FILTER (WHERE attempts > 0) AS retrying,"
-            " min(created_at) AS oldest FROM jobs GROUP BY state"
+            "SELECT c.key, c.n, c.deltas, h.oldest FROM (SELECT min(created_at) AS oldest FROM"
+            " ((SELECT created_at FROM jobs WHERE state = 'pending' ORDER BY seq LIMIT 1)"
+            f" UNION ALL (SELECT created_at FROM jobs WHERE state = '{CLAIMED}'"
+            " ORDER BY seq LIMIT 1)) AS heads) AS h LEFT JOIN (SELECT key, sum(n) AS n,"
+            " count(*) AS deltas FROM job_counts GROUP BY key) AS c ON true"
         )
-        by_state = {row["state"]: row for row in rows}
+        counts = {row["key"]: int(row["n"]) for row in rows if row["key"] is not None}
+        oldest = rows[0]["oldest"] if rows else None
+        if sum(int(row["deltas"] or 0) for row in rows) > FOLD_COUNTS_AFTER:
+            self._fold_counts()
 
         def n(state: str) -> int:
-            row = by_state.get(state)
-            return int(row["n"]) if row else 0
+            return counts.get(state, 0)
 
-        pending = by_state.get("pending")
-        ages = [by_state[s]["oldest"] for s in ("pending", CLAIMED) if s in by_state]
         return QueueStats(
             pending=n("pending") + n(CLAIMED),
-            retrying=int(pending["retrying"]) if pending else 0,
+            retrying=n("retrying"),
             running=n("running"),
             succeeded=n("succeeded"),
             cancelled=n("cancelled"),
             dead_letter=n("dead"),
-            oldest_pending_at=min(ages) if ages else None,
+            oldest_pending_at=None if oldest is None else float(oldest),
         )
+
+    def _fold_counts(self) -> None:
+        key = lock_key(self._keys(), _COUNTS_LOCK)
+        self._run(lambda conn: fold_counts(conn, key))
 
     def get_pending_count(self) -> int:
         rows = self._select(
-            f"SELECT count(*) AS n FROM jobs WHERE state IN ('pending', '{CLAIMED}')"
+            f"SELECT coalesce(sum(n), 0) AS n FROM job_counts WHERE key IN ('pending', '{CLAIMED}')"
         )
         return int(rows[0]["n"])
 

@@ -22,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bench.common import PY, REPO, child_env, graphiti_cmd, run_task, summary
 
 Sample = dict[str, float]
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Metric:
     subject: str = "graphiti_mpq"
     targets: list[Target] = field(default_factory=list)
     note: str = ""
+    requires: Callable[[], str | None] | None = None  # None when runnable, else why not
+    skipped: str | None = None
     results: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     def median(self, contender: str, measure: str) -> float:
@@ -77,13 +81,16 @@ class Config:
     pickup_samples: int
     idle_seconds: float
     rss_big: int
+    pg_url: str
 
 
-def make_config(quick: bool, workdir: Path, runs: int | None) -> Config:
+def make_config(quick: bool, workdir: Path, runs: int | None, pg_url: str) -> Config:
     if quick:
-        return Config(quick, workdir, runs, 200_000, 1_000, 20_000, 2_000, 300, 30, 5.0, 10_000)
+        return Config(
+            quick, workdir, runs, 200_000, 1_000, 20_000, 2_000, 300, 30, 5.0, 10_000, pg_url
+        )
     return Config(
-        quick, workdir, runs, 1_000_000, 5_000, 100_000, 10_000, 1_000, 100, 30.0, 100_000
+        quick, workdir, runs, 1_000_000, 5_000, 100_000, 10_000, 1_000, 100, 30.0, 100_000, pg_url
     )
 
 
@@ -124,6 +131,67 @@ def _process_contender(label: str, argv: Callable[[str], list[str]], cfg: Config
             once()  # creates the queue; warms the page cache
             warmed.append(True)
         return {"wall_ms": once() * 1000}
+
+    return Contender(label, run)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+_pg_state: dict[str, str | None] = {}
+
+
+def pg_unavailable(url: str) -> str | None:
+    """None when the PostgreSQL server answers (its version is kept for the report), else why
+    the PostgreSQL metrics are skipped."""
+    if url not in _pg_state:
+        try:
+            import psycopg
+        except ImportError:
+            _pg_state[url] = "psycopg is not installed in this environment (pip install psycopg)"
+            return _pg_state[url]
+        try:
+            with psycopg.connect(url, connect_timeout=3) as conn:
+                row = conn.execute("SHOW server_version").fetchone()
+            _pg_state[url] = None
+            _pg_state["version"] = str(row[0]) if row else "?"
+        except Exception as exc:  # any failure means: no server to measure
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            where = urlsplit(url)
+            _pg_state[url] = (
+                f"PostgreSQL at {where.hostname}:{where.port or 5432}{where.path} is "
+                f"unreachable ({first}); --pg URL or BENCH_PG_URL names another server"
+            )
+    return _pg_state[url]
+
+
+def _pg_schema_url(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "schema"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("schema", schema)])))
+
+
+def _pg_drop(url: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=10, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _pg_contender(cfg: Config, metric: str, label: str, task: str, **params: Any) -> Contender:
+    """A task on a fresh schema of the PostgreSQL database, dropped afterwards."""
+
+    def run(workdir: Path, index: int) -> Sample:
+        schema = f"bench_{metric}_{label.split()[0]}_{index}_{os.getpid()}"
+        logdir = cfg.workdir / schema
+        logdir.mkdir(parents=True, exist_ok=True)
+        _pg_drop(cfg.pg_url, schema)
+        try:
+            url = _pg_schema_url(cfg.pg_url, schema)
+            extra = {"logdir": str(logdir)} if task == "pg_drain" else {}
+            return run_task(task, url=url, **params, **extra)
+        finally:
+            _pg_drop(cfg.pg_url, schema)
+            shutil.rmtree(logdir, ignore_errors=True)
 
     return Contender(label, run)
 
@@ -361,6 +429,40 @@ def metrics(cfg: Config) -> list[Metric]:
             1,
             targets=[Target("<= 1.2x", lambda m: m("graphiti_mpq", "ratio"), lambda v: v <= 1.2)],
         ),
+        Metric(
+            "pg_drain",
+            f"PostgreSQL: drain of {cfg.n_drain:,} no-op jobs by 1, 2 or 3 supervisors "
+            "(2 workers each) on one queue (first claim -> last outcome, all logs)",
+            [*drain_measures, Measure("busiest_share", "of jobs", False)],
+            [
+                _pg_contender(
+                    cfg, "drain", label, "pg_drain", n=cfg.n_drain, supervisors=k, workers=2
+                )
+                for k, label in ((1, "1 supervisor"), (2, "2 supervisors"), (3, "3 supervisors"))
+            ],
+            2 if q else 3,
+            subject="1 supervisor",
+            note="supervise --workers 2 --host-id hN --import bench.jobs, started together; "
+            "one fresh schema a measurement",
+            requires=lambda: pg_unavailable(cfg.pg_url),
+        ),
+        Metric(
+            "pg_enqueue",
+            f"PostgreSQL: enqueue, one job per call ({cfg.n_one:,} calls), each its own commit",
+            rate,
+            [_pg_contender(cfg, "one", "graphiti_mpq", "pg_enqueue_one", n=cfg.n_one)],
+            3 if q else 5,
+            note="graphiti_mpq.enqueue(..., parallel=True, silent=True), GRAPHITI_QUEUE_PATH=URL",
+            requires=lambda: pg_unavailable(cfg.pg_url),
+        ),
+        Metric(
+            "pg_enqueue_many",
+            f"PostgreSQL: enqueue, batch API: {cfg.n_many:,} jobs in one call",
+            rate,
+            [_pg_contender(cfg, "many", "graphiti_mpq", "pg_enqueue_many", n=cfg.n_many)],
+            3 if q else 5,
+            requires=lambda: pg_unavailable(cfg.pg_url),
+        ),
     ]
 
 
@@ -501,6 +603,9 @@ def render_table(report: dict[str, Any], markdown: bool) -> str:
         lines.append(f"\n### {metric['title']}" if markdown else f"\n== {metric['title']}")
         if metric["note"]:
             lines.append(f"({metric['note']})")
+        if metric.get("skipped"):
+            lines.append(f"skipped: {metric['skipped']}")
+            continue
         if markdown:
             lines.append("")
             lines.append("| " + " | ".join(header) + " |")
@@ -566,6 +671,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="runs of every metric (default: per metric)")
     parser.add_argument("--workdir", type=Path, help="keep the databases here")
     parser.add_argument(
+        "--pg",
+        default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
+        metavar="URL",
+        help="PostgreSQL database of the pg_* metrics, a fresh schema a measurement "
+        f"[env BENCH_PG_URL; default {DEFAULT_PG_URL}]",
+    )
+    parser.add_argument(
         "--profile", type=int, metavar="JOBS", help="only profile a drain of JOBS no-op jobs"
     )
     parser.add_argument(
@@ -593,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="graphiti-mpq-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = make_config(args.quick, workdir, args.runs)
+    cfg = make_config(args.quick, workdir, args.runs, args.pg)
     chosen = metrics(cfg)
     if args.only:
         keys = set(args.only.split(","))
@@ -606,6 +718,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for metric in chosen:
             print(f"{metric.key}: {metric.title}", file=sys.stderr)
+            metric.skipped = metric.requires() if metric.requires else None
+            if metric.skipped:
+                print(f"  skipped: {metric.skipped}", file=sys.stderr)
+                continue
             run_metric(metric, cfg)
     finally:
         if args.workdir is None:
@@ -614,13 +730,18 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(
             [Path(sys.argv[0]).name if argv is None else "bench.py", *(argv or sys.argv[1:])]
         ),
-        "machine": {**machine(), "loadavg_before": load_before},
+        "machine": {
+            **machine(),
+            "loadavg_before": load_before,
+            "postgresql": _pg_state.get("version"),
+        },
         "seconds": round(time.monotonic() - began, 1),
         "metrics": [
             {
                 "key": m.key,
                 "title": m.title,
                 "note": m.note,
+                "skipped": m.skipped,
                 "subject": m.subject,
                 "rows": rows_of(m),
                 "targets": targets_of(m),
@@ -640,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
         f"huey {mach['packages']['huey']}; litequeue {mach['packages']['litequeue']}"
     )
     print(f"command: {report['command']}  ({report['seconds']}s, {mach['date']})")
+    if mach["postgresql"]:
+        where = urlsplit(args.pg)
+        print(f"PostgreSQL {mach['postgresql']} at {where.hostname}:{where.port or 5432}")
     print(f"load average (1, 5, 15 min): {mach['loadavg_before']} before, {mach['loadavg']} after")
     print(render_table(report, args.markdown))
     return 0

@@ -622,6 +622,101 @@ def status_inproc(db: str, runs: int) -> dict[str, Any]:
     return {"median_ms": percentile(times, 50) * 1000}
 
 
+# -- PostgreSQL: several supervisors on one queue, enqueue rates -----------------------------
+
+
+def _pg_queue(url: str) -> Any:
+    from graphiti_mpq.storage import open_queue
+
+    return open_queue(url)
+
+
+@task
+def pg_drain(url: str, logdir: str, n: int, supervisors: int, workers: int) -> dict[str, Any]:
+    """``n`` no-op jobs pre-enqueued, then ``supervisors`` supervisors (distinct host ids)
+    started together; the rate is n / (first job_started -> last job_completed) over all their
+    logs."""
+    queue = _pg_queue(url)
+    queue.enqueue_many(noop_jobs(n))
+    logs = [Path(logdir) / f"supervise-h{i}.log" for i in range(supervisors)]
+    files = [log.open("wb") for log in logs]
+    launched = time.time()
+    procs = [
+        subprocess.Popen(
+            graphiti_cmd(
+                *("--db", url, "--log-format", "json", "supervise"),
+                *("--workers", str(workers), "--host-id", f"h{i}", "--import", "bench.jobs"),
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env=child_env(),
+        )
+        for i, f in enumerate(files)
+    ]
+
+    def finished() -> bool:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a supervisor exited: {logs[0].read_text()[-2000:]}")
+        stats = queue.get_stats()
+        return stats.succeeded >= n or stats.pending + stats.running == 0
+
+    try:
+        wait_until(finished, 900, "the supervisors to drain", interval=0.1)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in files:
+            f.close()
+    succeeded = queue.get_stats().succeeded
+    queue.close()
+    windows = [drain_window(log_events(log)) for log in logs]
+    first = min(w[0] for w in windows)
+    last = max(w[1] for w in windows)
+    done = sum(w[2] for w in windows)
+    if succeeded != n or done != n:
+        raise RuntimeError(f"{succeeded} succeeded, {done} completions logged, expected {n}")
+    return {
+        "rate": n / (last - first),
+        "startup": first - launched,
+        "busiest_share": max(w[2] for w in windows) / n,
+    }
+
+
+@task
+def pg_enqueue_one(url: str, n: int) -> dict[str, Any]:
+    """``graphiti_mpq.enqueue`` with GRAPHITI_QUEUE_PATH=url, ``n`` times, each its own commit."""
+    os.environ["GRAPHITI_QUEUE_PATH"] = url
+    import graphiti_mpq
+
+    def put(i: int) -> Any:
+        return graphiti_mpq.enqueue("bench.noop", {"i": i}, parallel=True, silent=True)
+
+    put(-1)  # creates the schema and opens the connection: not timed
+    began = time.perf_counter()
+    for i in range(n):
+        put(i)
+    seconds = time.perf_counter() - began
+    return {"rate": n / seconds, "seconds": seconds}
+
+
+@task
+def pg_enqueue_many(url: str, n: int) -> dict[str, Any]:
+    """One ``enqueue_many`` call of ``n`` jobs (one transaction) on a PostgreSQL queue."""
+    queue = _pg_queue(url)
+    jobs = noop_jobs(n)
+    began = time.perf_counter()
+    queue.enqueue_many(jobs)
+    seconds = time.perf_counter() - began
+    queue.close()
+    return {"rate": n / seconds, "seconds": seconds}
+
+
 def main() -> None:
     name, params = sys.argv[1], json.loads(sys.argv[2])
     result = TASKS[name](**params)
