@@ -7,11 +7,14 @@ and the CLI are typed against these protocols, so the backend is chosen once, at
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..errors import WrongStateError
 from ..models import (
+    CLAIMED,
     Attempt,
     AttemptResult,
     DeadLetterJob,
@@ -55,6 +58,91 @@ class Waiting:
         from ..timefmt import iso
 
         return {"reason": self.reason, "until": iso(self.until), "ahead": self.ahead}
+
+
+def supervisor_info(row: Mapping[str, Any], host: str, now: float) -> SupervisorInfo:
+    """A ``processes`` row as users see it: alive means a heartbeat younger than its lease and,
+    on this host, a live pid with the same start time (both backends decide it alike)."""
+    from ..procinfo import is_alive
+
+    fresh = now - row["last_heartbeat"] < (row["lease"] or 60.0)
+    alive = fresh and (row["host"] != host or is_alive(row["pid"], row["pid_start"]))
+    return SupervisorInfo(
+        id=row["id"],
+        host=row["host"],
+        pid=row["pid"],
+        kind=row["kind"],
+        started_at=row["started_at"],
+        last_heartbeat=row["last_heartbeat"],
+        jobs_done=row["jobs_done"],
+        stopped_at=row["stopped_at"],
+        alive=alive,
+    )
+
+
+class _ClaimsAndFinishes(Protocol):
+    """What ``ConsumerApi`` needs of a store."""
+
+    _api_owner: int | None
+
+    def register_process(self, kind: str, host: str, lease: float) -> int: ...
+
+    def claim(
+        self, owner: int, max_items: int, lease: float, *, start: bool = True
+    ) -> list[QueuedJob]: ...
+
+    def start_claimed(self, owner: int, jobs: list[QueuedJob], lease: float) -> list[QueuedJob]: ...
+
+    def finish(
+        self,
+        results: Iterable[tuple[QueuedJob, AttemptResult]],
+        *,
+        max_retries: int | None = None,
+        backoff_base: float | None = None,
+        owner: int | None = None,
+        force_dead: bool = False,
+    ) -> list[Finished]: ...
+
+
+class ConsumerApi:
+    """The seed's consumer calls (``get_batch``/``ack``/``nack``/``move_to_dead_letter``), built
+    on ``claim`` and ``finish`` alone, so every backend shares them. The caller is registered
+    as a process of kind ``api`` on first use."""
+
+    _api_owner: int | None = None
+
+    def _api_owner_id(self: _ClaimsAndFinishes) -> int:
+        if self._api_owner is None:
+            self._api_owner = self.register_process("api", socket.gethostname(), 3600.0)
+        return self._api_owner
+
+    def get_batch(self: _ClaimsAndFinishes, max_items: int = 1) -> list[QueuedJob]:
+        """Claim and start the next jobs: one sequential job, or consecutive parallel ones."""
+        owner = ConsumerApi._api_owner_id(self)
+        jobs = self.claim(owner, max_items, 3600.0, start=True)
+        if jobs and jobs[0].state == CLAIMED:
+            jobs = self.start_claimed(owner, jobs, 3600.0)
+        return jobs
+
+    def ack(self: _ClaimsAndFinishes, job: QueuedJob, result: Any = None) -> None:
+        _finish_one(self, job, AttemptResult(Outcome.SUCCEEDED, result=result))
+
+    def nack(self: _ClaimsAndFinishes, job: QueuedJob, error: str) -> None:
+        """Fail the attempt: a retry after the backoff, or the dead-letter table."""
+        _finish_one(self, job, AttemptResult(Outcome.FAILED, error=error))
+
+    def move_to_dead_letter(self: _ClaimsAndFinishes, job: QueuedJob, error: str) -> None:
+        """Fail the attempt and dead-letter the job now, whatever retries it has left."""
+        _finish_one(self, job, AttemptResult(Outcome.FAILED, error=error), force_dead=True)
+
+
+def _finish_one(
+    store: _ClaimsAndFinishes, job: QueuedJob, result: AttemptResult, force_dead: bool = False
+) -> None:
+    # Only the owner that claimed it may finish it: after a recovery another process may run
+    # the job again, and a late ack must not record that process's attempt.
+    if not store.finish([(job, result)], force_dead=force_dead, owner=job.owner):
+        raise WrongStateError(f"job {job.id} is not running")
 
 
 class QueueBarrier(Protocol):

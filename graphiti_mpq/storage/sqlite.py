@@ -32,7 +32,7 @@ from ..models import (
 )
 from ..retry import retry_delay
 from . import insert, spool
-from .base import Finished, Recovered, Waiting
+from .base import ConsumerApi, Finished, Recovered, Waiting, supervisor_info
 from .sqlite_conn import connect, translated
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ _TAIL = 4000
 __all__ = ["Finished", "JobQueue", "Recovered", "Waiting"]
 
 
-class JobQueue:
+class JobQueue(ConsumerApi):
     """A queue in one SQLite file.
 
     The connection is opened lazily and again after a fork, so a ``JobQueue`` made before a
@@ -245,30 +245,11 @@ class JobQueue:
 
     def list_processes(self, host: str | None = None) -> list[SupervisorInfo]:
         """Processes serving the queue now (not stopped), with whether each is alive."""
-        from ..procinfo import is_alive
-
         host = host or socket.gethostname()
         now = time.time()
         with self._read() as conn:
             rows = self._rows(conn, "SELECT * FROM processes WHERE stopped_at IS NULL ORDER BY id")
-        result = []
-        for row in rows:
-            fresh = now - row["last_heartbeat"] < (row["lease"] or 60.0)
-            alive = fresh and (row["host"] != host or is_alive(row["pid"], row["pid_start"]))
-            result.append(
-                SupervisorInfo(
-                    id=row["id"],
-                    host=row["host"],
-                    pid=row["pid"],
-                    kind=row["kind"],
-                    started_at=row["started_at"],
-                    last_heartbeat=row["last_heartbeat"],
-                    jobs_done=row["jobs_done"],
-                    stopped_at=row["stopped_at"],
-                    alive=alive,
-                )
-            )
-        return result
+        return [supervisor_info(row, host, now) for row in rows]
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -625,38 +606,6 @@ class JobQueue:
                     [(now, owner) for owner in dead_owners],
                 )
         return recovered
-
-    # -- public consumer API (get_batch / ack / nack) --------------------------------------
-
-    def _api_owner_id(self) -> int:
-        if self._api_owner is None:
-            self._api_owner = self.register_process("api", socket.gethostname(), 3600.0)
-        return self._api_owner
-
-    def get_batch(self, max_items: int = 1) -> list[QueuedJob]:
-        """Claim and start the next jobs: one sequential job, or consecutive parallel ones."""
-        owner = self._api_owner_id()
-        jobs = self.claim(owner, max_items, 3600.0, start=True)
-        if jobs and jobs[0].state == CLAIMED:
-            jobs = self.start_claimed(owner, jobs, 3600.0)
-        return jobs
-
-    def ack(self, job: QueuedJob, result: Any = None) -> None:
-        self._finish_one(job, AttemptResult(Outcome.SUCCEEDED, result=result))
-
-    def nack(self, job: QueuedJob, error: str) -> None:
-        """Fail the attempt: a retry after the backoff, or the dead-letter table."""
-        self._finish_one(job, AttemptResult(Outcome.FAILED, error=error))
-
-    def move_to_dead_letter(self, job: QueuedJob, error: str) -> None:
-        """Fail the attempt and dead-letter the job now, whatever retries it has left."""
-        self._finish_one(job, AttemptResult(Outcome.FAILED, error=error), force_dead=True)
-
-    def _finish_one(self, job: QueuedJob, result: AttemptResult, force_dead: bool = False) -> None:
-        # Only the owner that claimed it may finish it: after a recovery another process may
-        # run the job again, and a late ack must not record that process's attempt.
-        if not self.finish([(job, result)], force_dead=force_dead, owner=job.owner):
-            raise WrongStateError(f"job {job.id} is not running")
 
     # -- reads -----------------------------------------------------------------------------
 
