@@ -28,6 +28,8 @@ from .models import AttemptResult, Outcome
 _events: Any = None
 _init_error: str | None = None
 _stopping: Any = None
+#: (pid, start time, pidfd or None) of the serving process, once the watcher runs.
+_supervisor: tuple[int, int | None, int | None] | None = None
 #: Without pidfds, how often a child checks that its supervisor still runs.
 _WATCH_POLL = 0.5
 
@@ -55,6 +57,11 @@ def _die(code: int) -> None:
     may be held by the very frame a handler interrupted. A copy of the dict's values is atomic
     under the GIL.
     """
+    # From the watcher thread: wait for a command being spawned to be registered, and keep
+    # the lock so no other spawn starts before we exit (bounded; skipped from a signal
+    # handler, which may have interrupted that very spawn).
+    if threading.current_thread() is not threading.main_thread():
+        handlers.spawn_lock.acquire(timeout=5.0)
     for pgid in list(handlers._active_groups.values()):
         procinfo.kill_process_group(pgid)
     if os.getpgrp() == os.getpid():
@@ -77,11 +84,13 @@ def _watch_supervisor(pid: int, start: int | None) -> None:
     which lives as long as any of its children holds its "alive" pipe, that is as long as we
     do. A pidfd tells us at once when the supervisor ends; without one we poll.
     """
+    global _supervisor
     fd: int | None
     try:
         fd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         fd = None
+    _supervisor = (pid, start, fd)
     try:
         if procinfo.is_alive(pid, start):
             if fd is not None:
@@ -142,8 +151,20 @@ def _report(kind: str, job_id: str, pgid: int | None = None) -> None:
         _events.put((kind, job_id, os.getpid(), pgid))
 
 
+def _supervisor_gone() -> bool:
+    """Whether the serving process has ended (the watcher may not have acted yet)."""
+    if _supervisor is None:
+        return False
+    pid, start, fd = _supervisor
+    if fd is not None:
+        return bool(select.select([fd], [], [], 0)[0])
+    return not procinfo.is_alive(pid, start)
+
+
 def run_task(task: Task) -> tuple[str, AttemptResult]:
     """Run one attempt; every failure comes back as an AttemptResult, never as an exception."""
+    if _supervisor_gone():
+        _die(1)  # a task taken after our supervisor died: no job code may start now
     if _stopping is not None and _stopping.value:
         return task.job_id, AttemptResult(
             Outcome.HANDED_BACK, error="not started: the supervisor is stopping"

@@ -46,6 +46,9 @@ _ERROR_LINE_CHARS = 500
 _registry: dict[str, Handler] = {}
 _active_groups: dict[int, int] = {}  # thread ident -> process group of its running replay
 _active_lock = threading.Lock()
+#: Held from the spawn of a command until its group is registered, so whoever kills the
+#: registered groups (the pool child's supervisor watch) never misses one being born.
+spawn_lock = threading.Lock()
 
 
 # --- registry -------------------------------------------------------------------------------
@@ -340,6 +343,7 @@ def run_replay(
     env["GRAPHITI_MPQ_JOB_ID"] = str(job_id)
     env["GRAPHITI_MPQ_ATTEMPT"] = str(attempt)
     deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
+    spawning = spawn_lock.acquire(timeout=5.0)
     try:
         proc = subprocess.Popen(
             argv,
@@ -349,17 +353,22 @@ def run_replay(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            # Its own session, so its whole group can be killed. No preexec_fn (it would force
-            # a slow plain fork): whoever outlives the attempt kills the group instead, that is
-            # the pool child's supervisor watch, the supervisor, or crash recovery.
+            # Its own session, so its whole group can be killed; and it dies with the pool
+            # child (SIGKILLed before anyone learnt its group, it would run on unsupervised).
+            # The preexec_fn makes subprocess use a plain fork(): slower, but safe.
             start_new_session=True,
+            preexec_fn=procinfo.parent_death_preexec(signal.SIGKILL),
         )
     except OSError as exc:
+        if spawning:
+            spawn_lock.release()
         return _spawn_error(exc, program, cwd)
     pgid = proc.pid  # start_new_session: the command leads its own group
     me = threading.get_ident()
     with _active_lock:
         _active_groups[me] = pgid
+    if spawning:
+        spawn_lock.release()
     tail = _Tail()
     timed_out = False
     try:

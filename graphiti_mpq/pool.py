@@ -54,6 +54,8 @@ class WorkerPool:
         self._stopping: Any = self._context.RawValue("b", 0)
         self._pool: Pool | None = None
         self._known: dict[int, Any] = {}  # pid -> Process, kept after Pool forgets it
+        #: (when, Process) of every child the pool made, appended by the pool's own thread.
+        self._created: list[tuple[float, Any]] = []
         self._dead_since: dict[int, float] = {}  # pid -> when we saw it ended
         self._reader = threading.Thread(target=self._read_child_events, daemon=True)
         self._reader.start()
@@ -64,7 +66,8 @@ class WorkerPool:
             # Load the package once in the fork server; each child forks with it imported.
             self._context.set_forkserver_preload(["graphiti_mpq.child"])
         me = os.getpid()
-        self._pool = self._context.Pool(
+        self._pool = _TrackingPool(
+            self._created,
             self.workers,
             initializer=init_child,
             initargs=(
@@ -73,6 +76,7 @@ class WorkerPool:
                 (me, procinfo.process_start_time(me)),
                 self._stopping,
             ),
+            context=self._context,
         )
         self.refresh()
 
@@ -110,6 +114,13 @@ class WorkerPool:
             if process.pid is not None:
                 self._known.setdefault(process.pid, process)
 
+    def _created_child(self, pid: int) -> Any:
+        """A child the pool made and reaped before ``refresh`` saw it (see ``_TrackingPool``)."""
+        for _, process in list(self._created):
+            if process.pid == pid:
+                return process
+        return None
+
     def child_pids(self) -> list[int]:
         self.refresh()
         return [pid for pid, p in self._known.items() if not _ended(p)]
@@ -117,7 +128,7 @@ class WorkerPool:
     def exit_of(self, pid: int) -> AttemptResult | None:
         """A CRASHED result if child ``pid`` has ended, else None (still alive)."""
         self.refresh()
-        process = self._known.get(pid)
+        process = self._known.get(pid) or self._created_child(pid)
         code = _returncode(process) if process is not None else None
         if code is None and procinfo.is_alive(pid):
             return None
@@ -152,6 +163,10 @@ class WorkerPool:
                 del self._known[pid]
                 del self._dead_since[pid]
                 dropped.append(pid)
+        for item in list(self._created):  # ended children are kept a while for exit_of
+            when, process = item
+            if now - when >= _FORGET_AFTER and process.pid not in keep and _ended(process):
+                self._created.remove(item)  # the pool's thread may append meanwhile: no rebuild
         return dropped
 
     def kill_child(self, pid: int) -> None:
@@ -224,6 +239,24 @@ def _force_down(pool: Pool) -> None:
     # Every child is dead (replacements included): nobody may hold these any more.
     _release(getattr(getattr(pool, "_inqueue", None), "_rlock", None))
     _release(getattr(getattr(pool, "_outqueue", None), "_wlock", None))
+
+
+class _TrackingPool(Pool):
+    """A ``Pool`` that remembers every child it creates, as it creates it.
+
+    ``Pool`` replaces a dead child from its own thread and drops the dead one from its list
+    when it reaps it; a child that starts a job and dies before the loop next looks would
+    otherwise be unknown, and its signal or exit status lost.
+    """
+
+    def __init__(self, created: list[Any], *args: Any, **kwargs: Any) -> None:
+        self.created = created  # set first: Pool.__init__ starts the children
+        super().__init__(*args, **kwargs)
+
+    def Process(self, ctx: Any, *args: Any, **kwds: Any) -> Any:  # type: ignore[override]
+        process = super().Process(ctx, *args, **kwds)
+        self.created.append((time.monotonic(), process))
+        return process
 
 
 def _returncode(process: Any) -> int | None:
