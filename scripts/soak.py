@@ -44,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The /proc helpers the benchmark uses too (scripts/ is on sys.path when this file runs).
+from bench.common import descendants, parent_map, proc_stat
+
 PY = sys.executable
 ORPHAN_GRACE = 5.0  # seconds a killed supervisor's processes may take to die
 DRAIN_WAIT = 10.0  # seconds for a drain to end once the queue is empty
@@ -112,25 +115,6 @@ soak_run(token, mode, float(sleep), "replay", os.environ.get("GRAPHITI_MPQ_ATTEM
 # -- /proc ----------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2 :].decode().split()
-
-
-def parent_map() -> dict[int, int]:
-    result = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat(int(name))
-            if fields is not None:
-                result[int(name)] = int(fields[1])
-    return result
-
-
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -141,21 +125,10 @@ def cmdline(pid: int) -> str:
 
 def identity(pid: int) -> tuple[int, str] | None:
     """(pid, start time): a process for good (pids are reused). None when gone or a zombie."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     if fields is None or fields[0] == "Z":
         return None
     return pid, fields[19]
-
-
-def descendants(pid: int) -> list[int]:
-    parents = parent_map()
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == current]
-        found.extend(kids)
-        frontier.extend(kids)
-    return found
 
 
 def pool_children(supervisor: int) -> list[int]:

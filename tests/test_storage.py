@@ -32,11 +32,10 @@ from graphiti_mpq.models import QueuedJob
 from graphiti_mpq.storage import schema, sqlite_conn
 from graphiti_mpq.storage.sqlite import JobQueue
 
-from .helpers import wait_until
+from .helpers import child_env, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
 BASE = 0.1  # the backoff base the tests run with
 
@@ -81,25 +80,6 @@ def count(path: str, table: str = "jobs") -> int:
 def file_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def run_child(script: str, *args: str) -> str:
-    """Run a Python snippet in a real child process until it exits; return its stdout."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def ids(jobs: list[QueuedJob]) -> list[str]:

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,11 +26,10 @@ from graphiti_mpq.storage import open_queue
 from graphiti_mpq.storage.base import QueueStore
 
 from .backends import count, raw_sql
-from .helpers import wait_until
+from .helpers import run_child, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
 BASE = 0.1  # the backoff base the tests run with
 
@@ -62,25 +56,6 @@ def make_queue(store_location: str) -> Iterator[Callable[..., QueueStore]]:
 @pytest.fixture
 def q(make_queue: Callable[..., QueueStore]) -> QueueStore:
     return make_queue()
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def run_child(script: str, *args: str) -> str:
-    """Run a Python snippet in a real child process until it exits; return its stdout."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 # A process that registers as a serving process, claims, and exits without reporting.

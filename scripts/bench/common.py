@@ -73,7 +73,8 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
 # -- /proc ----------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first); None when gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -87,13 +88,14 @@ def parent_map() -> dict[int, int]:
     result = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            fields = _stat(int(name))
+            fields = proc_stat(int(name))
             if fields is not None:
                 result[int(name)] = int(fields[1])
     return result
 
 
 def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...)."""
     parents = parent_map()
     found: list[int] = []
     frontier = [pid]
@@ -109,7 +111,7 @@ def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
     """utime + stime of each live process, in seconds."""
     result = {}
     for pid in pids:
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         if fields is not None:
             result[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
     return result
