@@ -1,9 +1,11 @@
-"""What runs inside a pool child: set-up once per child, then one job per task.
+"""What runs inside a pool child: set-up once per child, then a chunk of jobs per task.
 
-A child tells the serving process which job it starts (and the process group of a replayed
-command) through a small event queue, so the parent can notice a child that dies mid-job
-(``multiprocessing.Pool`` never reports that) and kill the right process group. A child never
-touches the database or the barrier.
+A child writes which job of its chunk it starts, and each job's outcome as soon as it has one,
+to the chunk's slot of shared memory (see ``slots.py``): the parent can tell a child that died
+mid-job (``multiprocessing.Pool`` never reports that) from one that finished, and no outcome
+of a finished job is lost when a later job of the chunk crashes the child. The process group of
+a replayed command goes through a small event queue. A child never touches the database or the
+barrier.
 
 No job code outlives the supervisor: each child watches the supervisor's pid (a pidfd; the
 parent-death signal alone fails under forkserver, whose server outlives it) and, when it goes,
@@ -24,8 +26,10 @@ from typing import Any
 
 from . import handlers, procinfo
 from .models import AttemptResult, Outcome
+from .slots import Slots, SlotWriter
 
 _events: Any = None
+_slots: Slots | None = None
 _init_error: str | None = None
 _stopping: Any = None
 #: (pid, start time, pidfd or None) of the serving process, once the watcher runs.
@@ -44,6 +48,15 @@ class Task:
     attempt: int
     timeout: float | None
     program: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Jobs run one after another by one child, reporting through shared-memory ``slot``."""
+
+    chunk_id: int
+    slot: int
+    tasks: tuple[Task, ...]
 
 
 def _die(code: int) -> None:
@@ -107,17 +120,19 @@ def init_child(
     imports: tuple[str, ...],
     supervisor: tuple[int, int | None] | None = None,
     stopping: Any = None,
+    slots: Slots | None = None,
 ) -> None:
     """Pool initializer: die with the supervisor, leave Ctrl-C to it, load handler modules.
 
     ``supervisor`` is (pid, start time) of the serving process. The child leads its own process
     group, so a crash, a time limit or a stop can end whatever a Python handler started.
     ``stopping`` is a shared flag the supervisor raises on a graceful stop: a task the pool
-    still held is then handed back instead of started.
+    still held is then handed back instead of started. ``slots`` is where chunks report.
     """
-    global _events, _init_error, _stopping
+    global _events, _init_error, _stopping, _slots
     _events = events
     _stopping = stopping
+    _slots = slots
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _die_with_parent)
     procinfo.set_parent_death_signal(signal.SIGTERM)
@@ -146,9 +161,9 @@ def init_child(
         _init_error = str(exc)
 
 
-def _report(kind: str, job_id: str, pgid: int | None = None) -> None:
+def _report_spawn(chunk_id: int, job_id: str, pgid: int) -> None:
     if _events is not None:
-        _events.put((kind, job_id, os.getpid(), pgid))
+        _events.put(("spawn", chunk_id, job_id, os.getpid(), pgid))
 
 
 def _supervisor_gone() -> bool:
@@ -161,19 +176,35 @@ def _supervisor_gone() -> bool:
     return not procinfo.is_alive(pid, start)
 
 
-def run_task(task: Task) -> tuple[str, AttemptResult]:
-    """Run one attempt; every failure comes back as an AttemptResult, never as an exception."""
-    if _supervisor_gone():
-        _die(1)  # a task taken after our supervisor died: no job code may start now
-    if _stopping is not None and _stopping.value:
-        return task.job_id, AttemptResult(
-            Outcome.HANDED_BACK, error="not started: the supervisor is stopping"
-        )
-    _report("start", task.job_id)
+def run_chunk(chunk: Chunk) -> int:
+    """Run a chunk's jobs in order until done or stopping; returns how many were started.
+
+    Before each job: no job starts once the supervisor is gone (this child dies instead) or
+    once a graceful stop began (the parent hands the rest back). The start is published before
+    the job runs, the outcome right after, so the parent always knows which job a dead child
+    was running.
+    """
+    assert _slots is not None
+    writer = SlotWriter(_slots, chunk.slot, os.getpid())
+    started = 0
+    for index, task in enumerate(chunk.tasks):
+        if _supervisor_gone():
+            _die(1)  # our supervisor died: no job code may start now
+        if _stopping is not None and _stopping.value:
+            break
+        writer.start(index)
+        started = index + 1
+        began = time.monotonic()
+        result = _run_one(chunk.chunk_id, task)
+        if not writer.finish(index, time.monotonic() - began, result) and _events is not None:
+            _events.put(("result", chunk.chunk_id, task.job_id, result))  # too large
+    return started
+
+
+def _run_one(chunk_id: int, task: Task) -> AttemptResult:
+    """One attempt; every failure comes back as an AttemptResult, never as an exception."""
     if _init_error is not None:
-        return task.job_id, AttemptResult(
-            Outcome.FAILED, error=_init_error, finished_at=time.time()
-        )
+        return AttemptResult(Outcome.FAILED, error=_init_error, finished_at=time.time())
     try:
         result = handlers.run_job(
             task.job_type,
@@ -182,7 +213,7 @@ def run_task(task: Task) -> tuple[str, AttemptResult]:
             job_id=task.job_id,
             attempt=task.attempt,
             timeout=task.timeout,
-            on_spawn=lambda pgid: _report("spawn", task.job_id, pgid),
+            on_spawn=lambda pgid: _report_spawn(chunk_id, task.job_id, pgid),
         )
     except BaseException as exc:  # a handler that raises SystemExit or the like
         result = AttemptResult(Outcome.FAILED, error=f"{type(exc).__name__}: {exc}")
@@ -196,4 +227,4 @@ def run_task(task: Task) -> tuple[str, AttemptResult]:
             result.result,
             time.time(),
         )
-    return task.job_id, result
+    return result

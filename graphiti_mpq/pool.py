@@ -22,16 +22,19 @@ from multiprocessing.pool import Pool
 from typing import Any
 
 from . import procinfo
-from .child import Task, init_child, run_task
+from .child import Chunk, init_child, run_chunk
 from .models import AttemptResult, Outcome
+from .slots import Slots
 
 #: How often a stalled pool shutdown is helped along (children killed, locks freed).
 _CLOSE_TICK = 0.1
 #: How long an ended child stays known (its last reports may still be on their way).
 _FORGET_AFTER = 2.0
 
-#: Events pushed to the serving loop: ("start"|"spawn", job_id, pid, pgid),
-#: ("result", job_id, AttemptResult), ("error", job_id, text).
+#: Events pushed to the serving loop: ("spawn", chunk_id, job_id, pid, pgid) and
+#: ("result", chunk_id, job_id, AttemptResult) from children (an outcome too large for the
+#: chunk's slot); ("chunk", chunk_id, jobs started) when a chunk returns, ("chunk_error",
+#: chunk_id, text) when it raised; ("wake",) and ("stop",) from elsewhere.
 Event = tuple[Any, ...]
 
 
@@ -52,6 +55,8 @@ class WorkerPool:
         self._child_events: Any = self._context.SimpleQueue()
         # Raised on a graceful stop; a byte in shared memory, no lock a killed child could hold.
         self._stopping: Any = self._context.RawValue("b", 0)
+        #: Two chunks per child: one running, one waiting, so a child never waits for the loop.
+        self.slots = Slots(self._context, 2 * workers)
         self._pool: Pool | None = None
         self._known: dict[int, Any] = {}  # pid -> Process, kept after Pool forgets it
         #: (when, Process) of every child the pool made, appended by the pool's own thread.
@@ -75,6 +80,7 @@ class WorkerPool:
                 self._imports,
                 (me, procinfo.process_start_time(me)),
                 self._stopping,
+                self.slots,
             ),
             context=self._context,
         )
@@ -94,17 +100,16 @@ class WorkerPool:
                 return
             self._events.put(item)
 
-    def submit(self, task: Task) -> None:
+    def submit(self, chunk_id: int, chunk: Chunk) -> None:
         assert self._pool is not None
-        job_id = task.job_id
 
-        def done(value: tuple[str, AttemptResult]) -> None:
-            self._events.put(("result", value[0], value[1]))
+        def done(started: int) -> None:
+            self._events.put(("chunk", chunk_id, started))
 
         def failed(exc: BaseException) -> None:
-            self._events.put(("error", job_id, f"{type(exc).__name__}: {exc}"))
+            self._events.put(("chunk_error", chunk_id, f"{type(exc).__name__}: {exc}"))
 
-        self._pool.apply_async(run_task, (task,), callback=done, error_callback=failed)
+        self._pool.apply_async(run_chunk, (chunk,), callback=done, error_callback=failed)
 
     def refresh(self) -> None:
         """Remember the current children (Pool drops a dead one from its list when it reaps it)."""

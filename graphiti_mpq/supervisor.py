@@ -1,9 +1,9 @@
 """The serving loop shared by ``supervise``, ``drain`` and the API's background worker.
 
-One pass: take the next jobs the store allows (under the barrier), hand them to the pool,
-collect outcomes and child reports, catch crashed or overdue children, record outcomes in one
-transaction, heartbeat and recover jobs of dead processes. The loop itself never runs job code,
-and it alone touches the database and the barrier.
+One pass: take the next jobs the store allows (under the barrier, many in one transaction),
+hand them to the pool in chunks, read what children report, catch crashed or overdue children,
+record outcomes in one transaction, heartbeat and recover jobs of dead processes. The loop
+itself never runs job code, and it alone touches the database and the barrier.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import queue as queue_mod
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from . import procinfo
 from .child import Task
 from .config import Settings
 from .errors import DatabaseBusyError
+from .inflight import CHUNK_MAX, ChunkPlanner, InFlight, InFlightChunk, Running
 from .logs import get_logger
 from .models import CLAIMED, AttemptResult, Outcome, QueuedJob
 from .pool import Event, WorkerPool
@@ -34,19 +36,6 @@ _CRASH_CONFIRM = 0.5  # a dead child's result may still be in flight this long
 _CRASH_DETAIL = 5.0  # how long we wait for the pool to collect a dead child's exit status
 _STALL = 10.0  # a dispatched job no child has taken this long means a wedged pool
 _REPLAY_BACKSTOP = 2.0  # a replay enforces its own limit; the loop steps in after this margin
-
-
-@dataclass
-class Running:
-    """A job handed to the pool, and what its child has told us."""
-
-    job: QueuedJob
-    dispatched: float
-    limit: float
-    pid: int | None = None
-    pgid: int | None = None
-    started: float | None = None
-    dead_since: float | None = None
 
 
 @dataclass
@@ -90,7 +79,9 @@ class Supervisor:
     def __post_init__(self) -> None:
         self.log = get_logger(kind=self.kind)
         self._events: queue_mod.SimpleQueue[Event] = queue_mod.SimpleQueue()
+        self._inflight: InFlight | None = None
         self._running: dict[str, Running] = {}
+        self._planner = ChunkPlanner()
         self._results: list[tuple[Running, AttemptResult]] = []
         self._seq_waiting: QueuedJob | None = None
         self._stop = _Stop()
@@ -130,6 +121,8 @@ class Supervisor:
         self._pool = WorkerPool(
             settings.workers, settings.start_method, settings.imports, self._events
         )
+        self._inflight = InFlight(self._pool.slots)
+        self._running = self._inflight.running
         self._barrier = self.queue.barrier()
         self.log.info(
             "supervisor_started",
@@ -178,6 +171,7 @@ class Supervisor:
             if self._finished_serving(now):
                 return True
         self._collect(self._wait_time())
+        self._read_slots()
         if time.monotonic() >= self._next_child_check:
             self._next_child_check = time.monotonic() + _CHILD_CHECK
             self._check_children()
@@ -208,12 +202,12 @@ class Supervisor:
     # -- claiming and dispatch -------------------------------------------------------------
 
     def _fill(self) -> None:
-        assert self._barrier is not None
+        assert self._barrier is not None and self._inflight is not None
         if self._seq_waiting is not None:
             self._start_sequential()
             return
-        room = self._prefetch() - len(self._running)
-        if room < (self.settings.workers if self._running else 1):
+        free = self._inflight.free_slots()
+        if free < (self.settings.workers if self._running else 1):
             return  # claim in batches: one transaction for many jobs, not one per job
         if any(not r.job.parallel for r in self._running.values()):
             return
@@ -221,11 +215,19 @@ class Supervisor:
             return  # a sequential job's outcome is not recorded yet (the database was busy)
         if not self._barrier.try_shared():
             return  # another process runs a sequential job
-        jobs = self.queue.claim(self._owner, room, self.settings.lease, start=True)
+        planner = self._planner
+        jobs = self.queue.claim(
+            self._owner,
+            free * CHUNK_MAX,
+            self.settings.lease,
+            start=True,
+            take=lambda job_types: sum(planner.plan(job_types, free)),
+        )
         if not jobs:
             self._release_barrier_if_idle()
             return
         self._last_activity = time.monotonic()
+        self.log.info("jobs_claimed", count=len(jobs), first_job_id=jobs[0].id)
         if jobs[0].state == CLAIMED:
             self._barrier.release()  # claim() gives a sequential job only when nothing runs
             self._seq_waiting = jobs[0]
@@ -260,25 +262,29 @@ class Supervisor:
         victims = list(self._running.values())
         self.log.warning("barrier_lost", mode=barrier.mode, running=len(victims))
         if victims:
-            self._pool.restart()
-            for running in victims:
-                self._kill_group(running)
-                self._settle(
-                    running, AttemptResult(Outcome.HANDED_BACK, error="barrier connection lost")
-                )
+            self._take_back_all(self._pool.restart, "barrier connection lost")
             self._flush()
         barrier.release()
 
     def _dispatch(self, jobs: list[QueuedJob]) -> None:
-        assert self._pool is not None
+        """Hand claimed jobs to the pool in chunks, as the planner sized them for the claim."""
+        assert self._pool is not None and self._inflight is not None
         now = time.monotonic()
-        for job in jobs:
-            limit = job.timeout if job.timeout is not None else self.settings.job_timeout
-            self._running[job.id] = Running(job, now, limit)
-            self.log.info("job_started", parallel=job.parallel, **job.log_context())
-            self._pool.submit(
-                Task(job.id, job.job_type, job.payload, job.attempts, limit, self.settings.program)
-            )
+        sizes = self._planner.plan([job.job_type for job in jobs], self._inflight.free_slots())
+        sizes[-1] += len(jobs) - sum(sizes)  # (the claim took exactly these; never leave any)
+        start = 0
+        for size in sizes:
+            entries = []
+            for job in jobs[start : start + size]:
+                limit = job.timeout if job.timeout is not None else self.settings.job_timeout
+                self.log.debug("job_dispatched", parallel=job.parallel, **job.log_context())
+                task = Task(
+                    job.id, job.job_type, job.payload, job.attempts, limit, self.settings.program
+                )
+                entries.append((task, job, limit))
+            start += size
+            chunk_id, chunk = self._inflight.add(entries, now)
+            self._pool.submit(chunk_id, chunk)
 
     def _release_barrier_if_idle(self) -> None:
         if not self._running and self._seq_waiting is None and self._barrier is not None:
@@ -305,61 +311,88 @@ class Supervisor:
             return
         if kind == "stop":
             return
-        running = self._running.get(event[1])
-        if running is None:
-            return  # a late report of a job already settled (timed out, crashed)
-        if kind == "start":
-            running.pid, running.started = event[2], time.monotonic()
-            if self._pool is not None:
-                self._pool.refresh()  # know this child's Process now: its exit status if it dies
-        elif kind == "spawn":
-            running.pgid = event[3]
-            self.queue.record_process(running.job, event[2], event[3])
+        assert self._inflight is not None
+        if kind in ("chunk", "chunk_error"):
+            chunk = self._inflight.chunks.get(event[1])
+            if chunk is not None:  # else settled already (its child died, the pool restarted)
+                self._chunk_returned(chunk, event[2] if kind == "chunk" else None, event[2])
+            return
+        running = self._running.get(event[2])
+        if running is None or running.chunk.chunk_id != event[1]:
+            return  # a late report of an attempt already settled (timed out, crashed)
+        if kind == "spawn":
+            running.pgid = event[4]
+            self.queue.record_process(running.job, event[3], event[4])
         elif kind == "result":
-            self._settle(running, event[2])
-        elif kind == "error":
-            self._settle(running, AttemptResult(Outcome.FAILED, error=event[2]))
+            self._settle(running, event[3])
+
+    def _read_slots(self) -> None:
+        assert self._inflight is not None
+        for chunk in list(self._inflight.chunks.values()):
+            self._read_chunk(chunk)
+
+    def _read_chunk(self, chunk: InFlightChunk) -> None:
+        """Settle the outcomes a chunk's child committed; learn which job it runs now."""
+        assert self._inflight is not None
+        outcomes, new_child = self._inflight.read(chunk)
+        if new_child and self._pool is not None:
+            self._pool.refresh()  # know this child's Process now: its exit status if it dies
+        for running, seconds, result in outcomes:
+            self._planner.observe(running.job.job_type, seconds)
+            if self._running.get(running.job.id) is running:
+                self._settle(running, result)
+
+    def _chunk_returned(self, chunk: InFlightChunk, started: int | None, error: str) -> None:
+        """The pool task ended: jobs it did not start (a stop began) go back untouched."""
+        assert self._inflight is not None
+        self._read_chunk(chunk)
+        for running in self._inflight.pending_in(chunk):
+            if started is None:  # the task raised instead of returning: nothing to retry on
+                self._settle(running, AttemptResult(Outcome.FAILED, error=error))
+            elif running.index >= started:
+                self._settle(
+                    running,
+                    AttemptResult(
+                        Outcome.HANDED_BACK, error="not started: the supervisor is stopping"
+                    ),
+                )
+            # else: its outcome did not fit the slot and is on its way as a "result" event
+        self._inflight.close(chunk)
 
     def _settle(self, running: Running, result: AttemptResult) -> None:
         self._running.pop(running.job.id, None)
         self._results.append((running, result))
 
-    def _prefetch(self) -> int:
-        """How many jobs may be handed to the pool at once: twice the pool size keeps every
-        child busy. (Deeper batches for short jobs raised throughput, but left more tasks
-        queued in the pool for children to start in the moment their supervisor dies.)"""
-        return 2 * self.settings.workers
-
     def _check_children(self) -> None:
-        assert self._pool is not None
+        assert self._pool is not None and self._inflight is not None
         now = time.monotonic()
         ended = self._ended_in_job
-        for running in list(self._running.values()):
-            if running.pid is not None:
-                crashed = self._pool.exit_of(running.pid)
-                if crashed is not None:
-                    known = crashed.signal is not None or crashed.exit_code is not None
-                    if running.dead_since is None:
-                        running.dead_since = now
-                    elif now - running.dead_since >= (_CRASH_CONFIRM if known else _CRASH_DETAIL):
-                        self._kill_group(running)
-                        self._settle(running, crashed)
-                        ended.add(running.pid)
-                    continue
-            began = running.started or running.dispatched
+        chunks = self._inflight.chunks
+        for chunk in list(chunks.values()):
+            if chunk.pid is None:
+                continue  # no child has taken it yet
+            crashed = self._pool.exit_of(chunk.pid)
+            if crashed is not None:
+                known = crashed.signal is not None or crashed.exit_code is not None
+                if chunk.dead_since is None:
+                    chunk.dead_since = now
+                elif now - chunk.dead_since >= (_CRASH_CONFIRM if known else _CRASH_DETAIL):
+                    self._end_dead_chunk(chunk, crashed)
+                    ended.add(chunk.pid)
+                continue
+            running = self._inflight.current(chunk)
+            if running is None or running.started is None:
+                continue
             margin = _REPLAY_BACKSTOP if running.pgid is not None else 0.0
-            if running.started is not None and now - began > running.limit + margin:
+            if now - running.started > running.limit + margin:
                 self._kill_group(running)
-                if running.pid is not None:
-                    self._pool.kill_child(running.pid)
-                    ended.add(running.pid)
+                self._pool.kill_child(chunk.pid)
+                ended.add(chunk.pid)
                 self._settle(
                     running,
                     AttemptResult(Outcome.TIMEOUT, error=f"timed out after {running.limit:g}s"),
                 )
-        dropped = self._pool.forget_dead(
-            {r.pid for r in self._running.values() if r.pid is not None}
-        )
+        dropped = self._pool.forget_dead({c.pid for c in chunks.values() if c.pid is not None})
         unexpected = set(dropped) - ended
         ended.difference_update(dropped)
         if unexpected:
@@ -369,29 +402,56 @@ class Supervisor:
             self._pool_suspect = True
         self._check_stall(now)
 
+    def _end_dead_chunk(self, chunk: InFlightChunk, crashed: AttemptResult) -> None:
+        """A chunk's child died: what it committed stands, the job it ran crashed, the jobs
+        after it never started (they go back without using an attempt)."""
+        assert self._inflight is not None
+        self._read_chunk(chunk)
+        for running in self._inflight.pending_in(chunk):
+            if running.index < chunk.started:
+                self._kill_group(running)
+                self._settle(running, crashed)
+            else:
+                self._settle(
+                    running,
+                    AttemptResult(
+                        Outcome.HANDED_BACK, error="not started: its worker process died"
+                    ),
+                )
+        self._inflight.close(chunk)
+
     def _check_stall(self, now: float) -> None:
         """A child killed while idle can wedge ``Pool`` (it held the task lock): restart it.
 
         After such a death, at once if no job runs in a child (nothing is lost: jobs the pool
-        still holds go back to the queue untouched); otherwise once dispatched jobs have waited
-        for a child for ``_STALL`` seconds although a child should be free.
+        still holds go back to the queue untouched); otherwise once dispatched chunks have
+        waited for a child for ``_STALL`` seconds although a child should be free.
         """
-        assert self._pool is not None
-        waiting = [r for r in self._running.values() if r.pid is None]
-        busy = len(self._running) - len(waiting)
+        assert self._pool is not None and self._inflight is not None
+        chunks = list(self._inflight.chunks.values())
+        waiting = [c for c in chunks if c.pid is None]
+        busy = len(chunks) - len(waiting)
         if not (self._pool_suspect and busy == 0):
             if not waiting or busy >= self.settings.workers:
                 return
-            if now - min(r.dispatched for r in waiting) < _STALL:
+            if now - min(c.jobs[0].dispatched for c in waiting) < _STALL:
                 return
         self.log.warning("pool_restarted", waiting=len(waiting), busy=busy)
         self._pool_suspect = False
         self._ended_in_job.clear()
-        victims = list(self._running.values())
-        self._pool.restart()
-        for running in victims:
+        self._take_back_all(self._pool.restart, "pool restarted")
+
+    def _take_back_all(self, kill: Callable[[], None], error: str) -> None:
+        """Record what children finished, ``kill`` every child, hand the other jobs back.
+
+        Outcomes are read before the kill: a job the kill itself ends must not count."""
+        assert self._inflight is not None
+        self._read_slots()
+        kill()
+        for running in list(self._running.values()):
             self._kill_group(running)
-            self._settle(running, AttemptResult(Outcome.HANDED_BACK, error="pool restarted"))
+            self._settle(running, AttemptResult(Outcome.HANDED_BACK, error=error))
+        self._inflight.reset()
 
     @staticmethod
     def _kill_group(running: Running) -> None:
@@ -528,11 +588,8 @@ class Supervisor:
     def _hard_stop(self) -> None:
         assert self._pool is not None
         pgids = [r.pgid for r in self._running.values() if r.pgid is not None]
-        self._pool.kill_all(pgids)
-        for running in list(self._running.values()):
-            self._settle(
-                running, AttemptResult(Outcome.HANDED_BACK, error="stopped by a supervisor stop")
-            )
+        pool = self._pool
+        self._take_back_all(lambda: pool.kill_all(pgids), "stopped by a supervisor stop")
         self._flush()
 
     def _shutdown(self, listener: QueueListener) -> None:
@@ -551,9 +608,7 @@ class Supervisor:
 
     def _hard_stop_pool(self, pool: WorkerPool) -> None:
         pgids = [r.pgid for r in self._running.values() if r.pgid is not None]
-        pool.kill_all(pgids)
-        for running in list(self._running.values()):
-            self._settle(running, AttemptResult(Outcome.HANDED_BACK, error="supervisor stopped"))
+        self._take_back_all(lambda: pool.kill_all(pgids), "supervisor stopped")
         for tries_left in (2, 1, 0):
             try:
                 self._flush()

@@ -24,6 +24,26 @@ from ..models import (
     SupervisorInfo,
 )
 
+#: Given the job types of the parallel jobs a claim could take, how many it takes (>= 1).
+Take = Callable[[list[str]], int]
+
+
+def parallel_run(head: list[tuple[Any, Any, str]]) -> list[tuple[Any, Any, str]]:
+    """The leading (seq, parallel, job_type) rows up to the first sequential job."""
+    run = []
+    for row in head:
+        if not row[1]:
+            break
+        run.append(row)
+    return run
+
+
+def taken(take: Take | None, job_types: list[str]) -> int:
+    """How many of a claim's parallel jobs to take: all, or what ``take`` says (at least one)."""
+    if take is None or not job_types:
+        return len(job_types)
+    return max(1, min(len(job_types), take(job_types)))
+
 
 @dataclass(frozen=True)
 class Finished:
@@ -88,7 +108,13 @@ class _ClaimsAndFinishes(Protocol):
     def register_process(self, kind: str, host: str, lease: float) -> int: ...
 
     def claim(
-        self, owner: int, max_items: int, lease: float, *, start: bool = True
+        self,
+        owner: int,
+        max_items: int,
+        lease: float,
+        *,
+        start: bool = True,
+        take: Take | None = None,
     ) -> list[QueuedJob]: ...
 
     def start_claimed(self, owner: int, jobs: list[QueuedJob], lease: float) -> list[QueuedJob]: ...
@@ -229,7 +255,13 @@ class QueueStore(Protocol):
 
     # -- claiming and outcomes
     def claim(
-        self, owner: int, max_items: int, lease: float, *, start: bool = True
+        self,
+        owner: int,
+        max_items: int,
+        lease: float,
+        *,
+        start: bool = True,
+        take: Take | None = None,
     ) -> list[QueuedJob]: ...
 
     def start_claimed(self, owner: int, jobs: list[QueuedJob], lease: float) -> list[QueuedJob]: ...

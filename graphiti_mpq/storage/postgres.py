@@ -45,7 +45,16 @@ from ..models import (
 )
 from ..retry import retry_delay
 from . import insert
-from .base import ConsumerApi, Finished, Recovered, Waiting, supervisor_info
+from .base import (
+    ConsumerApi,
+    Finished,
+    Recovered,
+    Take,
+    Waiting,
+    parallel_run,
+    supervisor_info,
+    taken,
+)
 from .pg_conn import (
     FOLD_COUNTS_AFTER,
     channel_name,
@@ -401,14 +410,21 @@ class PostgresQueue(ConsumerApi):
     # -- claiming --------------------------------------------------------------------------
 
     def claim(
-        self, owner: int, max_items: int, lease: float, *, start: bool = True
+        self,
+        owner: int,
+        max_items: int,
+        lease: float,
+        *,
+        start: bool = True,
+        take: Take | None = None,
     ) -> list[QueuedJob]:
         """Claim the next eligible jobs in contract order, honouring the barrier.
 
         Returns one sequential job (state ``claimed``: the caller takes the barrier, then calls
         ``start_claimed``), or up to ``max_items`` consecutive parallel jobs (``running`` when
-        ``start``, else ``claimed``). A sequential job is claimed only when no job of the
-        queue is claimed or running; nothing is claimed while a sequential job is.
+        ``start``, else ``claimed``); ``take``, given their job types, may take fewer (at least
+        one). A sequential job is claimed only when no job of the queue is claimed or running;
+        nothing is claimed while a sequential job is.
         """
         if max_items < 1:
             return []
@@ -427,7 +443,7 @@ class PostgresQueue(ConsumerApi):
             # commit (an ack, say) that let this claim happen.
             now = self._now()
             head = conn.execute(
-                "SELECT seq, parallel FROM jobs WHERE state = 'pending' AND run_at <= %s"
+                "SELECT seq, parallel, job_type FROM jobs WHERE state = 'pending' AND run_at <= %s"
                 " ORDER BY priority DESC, seq LIMIT %s FOR UPDATE SKIP LOCKED",
                 (now, max_items),
             ).fetchall()
@@ -437,11 +453,8 @@ class PostgresQueue(ConsumerApi):
                 if owned["n"]:
                     return []
                 return self._mark(conn, [head[0]["seq"]], owner, lease, now, running=False)
-            chosen = []
-            for row in head:
-                if not row["parallel"]:
-                    break
-                chosen.append(row["seq"])
+            run = parallel_run([(r["seq"], r["parallel"], r["job_type"]) for r in head])
+            chosen = [seq for seq, _, _ in run[: taken(take, [t for _, _, t in run])]]
             return self._mark(conn, chosen, owner, lease, now, running=start)
 
         return self._run(work, committed=_marked)

@@ -32,7 +32,16 @@ from ..models import (
 )
 from ..retry import retry_delay
 from . import insert, spool
-from .base import ConsumerApi, Finished, Recovered, Waiting, supervisor_info
+from .base import (
+    ConsumerApi,
+    Finished,
+    Recovered,
+    Take,
+    Waiting,
+    parallel_run,
+    supervisor_info,
+    taken,
+)
 from .sqlite_conn import connect, translated
 
 if TYPE_CHECKING:
@@ -254,14 +263,21 @@ class JobQueue(ConsumerApi):
     # -- claiming --------------------------------------------------------------------------
 
     def claim(
-        self, owner: int, max_items: int, lease: float, *, start: bool = True
+        self,
+        owner: int,
+        max_items: int,
+        lease: float,
+        *,
+        start: bool = True,
+        take: Take | None = None,
     ) -> list[QueuedJob]:
         """Claim the next eligible jobs in contract order, honouring the barrier.
 
         Returns one sequential job (state ``claimed``: the caller takes the barrier, then calls
         ``start_claimed``), or up to ``max_items`` consecutive parallel jobs (``running`` when
-        ``start``, else ``claimed``). A sequential job is claimed only when no job of the
-        queue is claimed or running; nothing is claimed while a sequential job is.
+        ``start``, else ``claimed``); ``take``, given their job types, may take fewer (at least
+        one). A sequential job is claimed only when no job of the queue is claimed or running;
+        nothing is claimed while a sequential job is.
         """
         if max_items < 1:
             return []
@@ -272,7 +288,7 @@ class JobQueue(ConsumerApi):
             # INDEXED BY: left to itself the planner searches jobs_state_seq and sorts every
             # pending row; the partial index yields contract order and stops at the LIMIT.
             head = conn.execute(
-                "SELECT seq, parallel FROM jobs INDEXED BY jobs_claim_order"
+                "SELECT seq, parallel, job_type FROM jobs INDEXED BY jobs_claim_order"
                 " WHERE state = 'pending' AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?",
                 (now, max_items),
             ).fetchall()
@@ -286,11 +302,8 @@ class JobQueue(ConsumerApi):
                 if conn.execute(f"SELECT 1 FROM jobs WHERE state IN {_OWNED} LIMIT 1").fetchone():
                     return []
                 return self._mark(conn, [head[0][0]], owner, lease, now, running=False)
-            chosen = []
-            for seq, parallel in head:
-                if not parallel:
-                    break
-                chosen.append(seq)
+            run = parallel_run(head)
+            chosen = [seq for seq, _, _ in run[: taken(take, [t for _, _, t in run])]]
             return self._mark(conn, chosen, owner, lease, now, running=start)
 
     def start_claimed(self, owner: int, jobs: list[QueuedJob], lease: float) -> list[QueuedJob]:

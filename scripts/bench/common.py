@@ -148,11 +148,11 @@ def event_time(event: dict[str, Any]) -> float:
 
 
 def drain_window(events: list[dict[str, Any]]) -> tuple[float, float, int]:
-    """(first job_started, last job_completed, jobs completed) from a serving process's log."""
-    starts = [event_time(e) for e in events if e.get("event") == "job_started"]
+    """(first jobs_claimed, last job_completed, jobs completed) from a serving process's log."""
+    starts = [event_time(e) for e in events if e.get("event") == "jobs_claimed"]
     ends = [event_time(e) for e in events if e.get("event") == "job_completed"]
     if not starts or not ends:
-        raise RuntimeError("the log has no job_started/job_completed events")
+        raise RuntimeError("the log has no jobs_claimed/job_completed events")
     return min(starts), max(ends), len(ends)
 
 

@@ -634,7 +634,7 @@ def _pg_queue(url: str) -> Any:
 @task
 def pg_drain(url: str, logdir: str, n: int, supervisors: int, workers: int) -> dict[str, Any]:
     """``n`` no-op jobs pre-enqueued, then ``supervisors`` supervisors (distinct host ids)
-    started together; the rate is n / (first job_started -> last job_completed) over all their
+    started together; the rate is n / (first jobs_claimed -> last job_completed) over all their
     logs."""
     queue = _pg_queue(url)
     queue.enqueue_many(noop_jobs(n))

@@ -1,0 +1,142 @@
+"""Jobs handed to the pool, by chunk, and what their children have reported so far.
+
+The serving loop hands parallel jobs to the pool in chunks (one pool task runs several short
+jobs in a row), sized so that a chunk holds about ``CHUNK_SECONDS`` of work by what jobs of the
+same type took before; a job type not seen yet goes alone. Each chunk reports through its own
+slot of shared memory (``slots.py``); this module turns those reports into per-job state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from .child import Chunk, Task
+from .models import AttemptResult, QueuedJob
+from .slots import Slots
+
+#: About this much work (seconds, by past runs of the same job type) goes into one chunk.
+CHUNK_SECONDS = 0.02
+#: At most this many jobs in one chunk.
+CHUNK_MAX = 64
+_SMOOTHING = 0.2  # weight of the newest run in a job type's running average
+
+
+@dataclass
+class Running:
+    """A job handed to the pool, and what its child has told us."""
+
+    job: QueuedJob
+    dispatched: float
+    limit: float
+    chunk: InFlightChunk
+    index: int
+    pid: int | None = None
+    pgid: int | None = None
+    started: float | None = None
+
+
+@dataclass
+class InFlightChunk:
+    """One pool task: its slot, its jobs, and how far its child has got."""
+
+    chunk_id: int
+    slot: int
+    jobs: list[Running] = field(default_factory=list)
+    pid: int | None = None
+    started: int = 0  # jobs of the chunk started so far
+    offset: int = 0  # slot bytes read so far
+    dead_since: float | None = None
+
+
+class ChunkPlanner:
+    """How many jobs go into each chunk, by how long jobs of each type took before."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    def observe(self, job_type: str, seconds: float) -> None:
+        old = self._seconds.get(job_type)
+        self._seconds[job_type] = seconds if old is None else old + _SMOOTHING * (seconds - old)
+
+    def plan(self, job_types: list[str], chunks: int) -> list[int]:
+        """Sizes of at most ``chunks`` chunks for jobs of these types, in order."""
+        sizes: list[int] = []
+        size, spent = 0, 0.0
+        for job_type in job_types:
+            cost = self._seconds.get(job_type, CHUNK_SECONDS)
+            if size and (spent + cost > CHUNK_SECONDS or size >= CHUNK_MAX):
+                sizes.append(size)
+                if len(sizes) == chunks:
+                    return sizes
+                size, spent = 0, 0.0
+            size += 1
+            spent += cost
+        if size:
+            sizes.append(size)
+        return sizes[:chunks]
+
+
+class InFlight:
+    """Every job in the pool (``running``, by id) and the chunks they went in."""
+
+    def __init__(self, slots: Slots) -> None:
+        self.slots = slots
+        self.running: dict[str, Running] = {}
+        self.chunks: dict[int, InFlightChunk] = {}
+        self._free = list(range(slots.count))
+        self._ids = itertools.count(1)
+
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def add(self, jobs: list[tuple[Task, QueuedJob, float]], now: float) -> tuple[int, Chunk]:
+        """Record a chunk of (task, job, limit) about to be handed out; returns its id, task."""
+        slot = self._free.pop()
+        self.slots.reset(slot)
+        chunk = InFlightChunk(next(self._ids), slot)
+        for index, (_, job, limit) in enumerate(jobs):
+            running = Running(job, now, limit, chunk, index)
+            chunk.jobs.append(running)
+            self.running[job.id] = running
+        self.chunks[chunk.chunk_id] = chunk
+        return chunk.chunk_id, Chunk(chunk.chunk_id, slot, tuple(task for task, _, _ in jobs))
+
+    def pending_in(self, chunk: InFlightChunk) -> list[Running]:
+        """The chunk's jobs not settled yet."""
+        return [r for r in chunk.jobs if self.running.get(r.job.id) is r]
+
+    def read(self, chunk: InFlightChunk) -> tuple[list[tuple[Running, float, AttemptResult]], bool]:
+        """New outcomes the chunk's child committed, and whether its child is new to us.
+
+        Marks the job it runs now as started (with the child's own start time).
+        """
+        pid, started, started_at, committed = self.slots.progress(chunk.slot)
+        new_child = bool(pid) and chunk.pid != pid
+        if new_child:
+            chunk.pid = pid
+        if started > chunk.started:
+            chunk.started = started
+            current = chunk.jobs[started - 1]
+            current.pid, current.started = pid, started_at
+        records, chunk.offset = self.slots.records(chunk.slot, chunk.offset, committed)
+        return [(chunk.jobs[index], seconds, result) for index, seconds, result in records], (
+            new_child
+        )
+
+    def current(self, chunk: InFlightChunk) -> Running | None:
+        """The job the chunk's child runs now (started, not settled), if any."""
+        if not chunk.started:
+            return None
+        running = chunk.jobs[chunk.started - 1]
+        return running if self.running.get(running.job.id) is running else None
+
+    def close(self, chunk: InFlightChunk) -> None:
+        """Its child no longer writes to its slot (the task returned, or the child is dead)."""
+        if self.chunks.pop(chunk.chunk_id, None) is not None:
+            self._free.append(chunk.slot)
+
+    def reset(self) -> None:
+        """After the pool was replaced: every slot is free (settle the jobs first)."""
+        self.chunks.clear()
+        self._free = list(range(self.slots.count))

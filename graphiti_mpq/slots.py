@@ -1,0 +1,106 @@
+"""Shared memory through which pool children report the progress of a chunk of jobs.
+
+Each chunk in flight owns one slot: a header of four integers (the child's pid, how many of the
+chunk's jobs it has started, when the current one started in ``time.monotonic_ns``, how many
+bytes of outcomes it has committed) and a data area of records, each a length, a CRC and a
+pickled ``(index, seconds, AttemptResult)``. The child writes a record before the length that
+commits it; the parent reads committed records only, and a record whose CRC does not match yet
+(a CPU that made the length visible first) is read again on the next look. No lock is involved,
+so a child killed at any instant leaves nothing held, and every outcome it committed survives
+it: a crash in one job of a chunk never loses the outcomes of the jobs before it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import time
+import zlib
+from typing import Any
+
+from .models import AttemptResult
+
+_PID, _STARTED, _STARTED_NS, _COMMITTED = range(4)
+_FIELDS = 4
+_RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32 of the body
+
+#: Bytes of outcomes one slot holds; an outcome that does not fit goes by the event queue.
+SLOT_BYTES = 64 * 1024
+
+Record = tuple[int, float, AttemptResult]  # (index in the chunk, seconds it ran, outcome)
+
+
+class Slots:
+    """``count`` slots in shared memory made by ``context`` (passed to children at start)."""
+
+    def __init__(self, context: Any, count: int, size: int = SLOT_BYTES) -> None:
+        self.count = count
+        self.size = size
+        self.header: Any = context.RawArray("q", count * _FIELDS)
+        self.data: Any = context.RawArray("B", count * size)
+
+    def view(self, slot: int) -> memoryview:
+        start = slot * self.size
+        return memoryview(self.data).cast("B")[start : start + self.size]
+
+    def reset(self, slot: int) -> None:
+        """Before a chunk is handed out: no child, nothing started, nothing committed."""
+        base = slot * _FIELDS
+        for offset in range(_FIELDS):
+            self.header[base + offset] = 0
+
+    def progress(self, slot: int) -> tuple[int, int, float, int]:
+        """(pid or 0, jobs started, monotonic start of the current one, bytes committed)."""
+        base = slot * _FIELDS
+        header = self.header
+        return (
+            header[base + _PID],
+            header[base + _STARTED],
+            header[base + _STARTED_NS] / 1e9,
+            header[base + _COMMITTED],
+        )
+
+    def records(self, slot: int, offset: int, committed: int) -> tuple[list[Record], int]:
+        """The records between ``offset`` and ``committed``; returns them and the new offset."""
+        if committed <= offset:
+            return [], offset
+        view = self.view(slot)
+        records: list[Record] = []
+        while offset + _RECORD_HEAD.size <= committed:
+            length, crc = _RECORD_HEAD.unpack_from(view, offset)
+            start = offset + _RECORD_HEAD.size
+            body = bytes(view[start : start + length])
+            if len(body) != length or zlib.crc32(body) != crc:
+                break  # not all of it visible yet: read it next time
+            records.append(pickle.loads(body))
+            offset = start + length
+        return records, offset
+
+
+class SlotWriter:
+    """The child's side of one slot, for one chunk."""
+
+    def __init__(self, slots: Slots, slot: int, pid: int) -> None:
+        self._header = slots.header
+        self._base = slot * _FIELDS
+        self._view = slots.view(slot)
+        self._offset = 0
+        self._header[self._base + _PID] = pid
+
+    def start(self, index: int) -> None:
+        """Publish that job ``index`` starts now (its start time first, then the count)."""
+        self._header[self._base + _STARTED_NS] = time.monotonic_ns()
+        self._header[self._base + _STARTED] = index + 1
+
+    def finish(self, index: int, seconds: float, result: AttemptResult) -> bool:
+        """Commit job ``index``'s outcome; False when it does not fit (the caller sends it)."""
+        body = pickle.dumps((index, seconds, result), protocol=pickle.HIGHEST_PROTOCOL)
+        start = self._offset + _RECORD_HEAD.size
+        end = start + len(body)
+        if end > len(self._view):
+            return False
+        _RECORD_HEAD.pack_into(self._view, self._offset, len(body), zlib.crc32(body))
+        self._view[start:end] = body
+        self._offset = end
+        self._header[self._base + _COMMITTED] = end
+        return True
