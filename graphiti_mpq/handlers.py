@@ -214,6 +214,39 @@ def _spawn_error(exc: OSError, program: str, cwd: str | None) -> AttemptResult:
     return _failed(f"cannot start {program}: {exc.strerror or exc}")
 
 
+def _spawn_plan(
+    argv: list[str], executable: str | None, env: Mapping[str, str]
+) -> tuple[list[str], str | None, Callable[[], None] | None] | AttemptResult:
+    """(argv, executable, preexec_fn) that make the command die with this process.
+
+    SIGKILLed before anyone learnt the command's group, it would run on unsupervised. An exec
+    wrapper arms the parent-death signal where there is one; else a preexec_fn does, which
+    makes subprocess use a plain fork() of this interpreter (slower, but as safe).
+    """
+    wrapper = procinfo.parent_death_wrapper()
+    if wrapper is None:
+        return argv, executable, procinfo.parent_death_preexec(signal.SIGKILL)
+    target = _resolve_program(argv[0] if executable is None else executable, env)
+    if isinstance(target, AttemptResult):
+        return target
+    return [*wrapper, target, *argv[1:]], None, None
+
+
+def _resolve_program(program: str, env: Mapping[str, str]) -> str | AttemptResult:
+    """The path a replay execs (the exec wrapper cannot report a missing program to us)."""
+    import shutil
+
+    if os.sep in program:
+        path: str | None = program
+    else:
+        path = shutil.which(program, mode=os.F_OK, path=env.get("PATH", os.defpath))
+    if path is None or not os.path.exists(path):
+        return _failed(f"program not found: {program}")
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        return _failed(f"program is not executable: {program}")
+    return path
+
+
 def _has_exited(pid: int) -> bool:
     """Whether our child ``pid`` has ended, without reaping it.
 
@@ -343,6 +376,10 @@ def run_replay(
     env["GRAPHITI_MPQ_JOB_ID"] = str(job_id)
     env["GRAPHITI_MPQ_ATTEMPT"] = str(attempt)
     deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
+    plan = _spawn_plan(argv, executable, env)
+    if isinstance(plan, AttemptResult):
+        return plan
+    argv, executable, preexec = plan
     spawning = spawn_lock.acquire(timeout=5.0)
     try:
         proc = subprocess.Popen(
@@ -353,11 +390,8 @@ def run_replay(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            # Its own session, so its whole group can be killed; and it dies with the pool
-            # child (SIGKILLed before anyone learnt its group, it would run on unsupervised).
-            # The preexec_fn makes subprocess use a plain fork(): slower, but safe.
-            start_new_session=True,
-            preexec_fn=procinfo.parent_death_preexec(signal.SIGKILL),
+            start_new_session=True,  # its own group, so the whole of it can be killed
+            preexec_fn=preexec,
         )
     except OSError as exc:
         if spawning:

@@ -83,6 +83,8 @@ class Supervisor:
         self._running: dict[str, Running] = {}
         self._planner = ChunkPlanner()
         self._results: list[tuple[Running, AttemptResult]] = []
+        #: Replayed commands' processes, recorded for crash recovery with the next flush.
+        self._spawns: list[tuple[QueuedJob, int, int | None]] = []
         self._seq_waiting: QueuedJob | None = None
         self._stop = _Stop()
         self._owner = 0
@@ -322,7 +324,7 @@ class Supervisor:
             return  # a late report of an attempt already settled (timed out, crashed)
         if kind == "spawn":
             running.pgid = event[4]
-            self.queue.record_process(running.job, event[3], event[4])
+            self._spawns.append((running.job, event[3], event[4]))
         elif kind == "result":
             self._settle(running, event[3])
 
@@ -410,6 +412,9 @@ class Supervisor:
         for running in self._inflight.pending_in(chunk):
             if running.index < chunk.started:
                 self._kill_group(running)
+                if running.pgid is None:  # a command it spawned but had not reported yet
+                    for pgid in procinfo.job_process_groups(running.job.id):
+                        procinfo.kill_process_group(pgid)
                 self._settle(running, crashed)
             else:
                 self._settle(
@@ -464,6 +469,13 @@ class Supervisor:
     # -- recording outcomes ----------------------------------------------------------------
 
     def _flush(self) -> None:
+        if self._spawns:
+            spawns, self._spawns = self._spawns, []
+            try:
+                self.queue.record_processes(spawns)
+            except BaseException:
+                self._spawns = spawns + self._spawns
+                raise
         if not self._results:
             return
         results, self._results = self._results, []
@@ -554,9 +566,9 @@ class Supervisor:
         """
         if row.get("owner_host") != self.settings.host_id:
             return
-        pgid = row.get("pgid")
-        if pgid and _group_runs_job(int(pgid), str(row["id"])):
-            procinfo.kill_process_group(int(pgid))
+        # The command's group as recorded, or found by its environment if it was never recorded.
+        for pgid in procinfo.job_process_groups(str(row["id"])):
+            procinfo.kill_process_group(pgid)
         worker = row.get("worker_pid")
         if worker and procinfo.is_alive(int(worker), row.get("worker_start")):
             procinfo.kill_process_group(int(worker))  # it leads a group: what its handler started
@@ -621,30 +633,3 @@ class Supervisor:
             except Exception as exc:
                 self.log.warning("hand_back_failed", error=str(exc))
                 return
-
-
-def _group_runs_job(pgid: int, job_id: str) -> bool:
-    """Whether a live member of process group ``pgid`` runs job ``job_id``.
-
-    A replayed command gets ``GRAPHITI_MPQ_JOB_ID`` in its environment and so do the processes
-    it starts; a group that reused the number of a dead one has no such member.
-    """
-    wanted = f"GRAPHITI_MPQ_JOB_ID={job_id}".encode()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return False
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-            if len(fields) < 3 or fields[0] == b"Z" or int(fields[2]) != pgid:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if wanted in f.read().split(b"\0"):
-                    return True
-        except (OSError, ValueError):
-            continue
-    return False

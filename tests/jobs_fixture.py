@@ -158,3 +158,13 @@ def gate(payload: dict[str, Any]) -> Any:
         {"name": payload["name"], "start": start, "end": end, "by": serving_ancestor()},
     )
     return payload["name"]
+
+
+@graphiti_mpq.handler("tally")
+def tally(payload: dict[str, Any]) -> Any:
+    """A short job that appends its name to payload["log"]; with "die", SIGKILLs its child."""
+    if payload.get("die"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(payload["log"], "a") as f:
+        f.write(payload["name"] + "\n")
+    return payload["name"]

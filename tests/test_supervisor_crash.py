@@ -69,6 +69,48 @@ def test_crashing_children_are_recorded_and_the_pool_is_restored(
     q.close()
 
 
+def test_a_crash_inside_a_chunk_keeps_the_outcomes_before_it_and_hands_back_the_rest(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """Short jobs go to a child many at a time: when one of them kills the child, the jobs it
+    finished before stay recorded (none runs again), and those it had not started go back
+    without using an attempt and run once."""
+    q = open_db(queue_path)
+    log = tmp_path / "tally.log"
+
+    def job(name: str, **extra: object) -> dict[str, object]:
+        payload = {"log": str(log), "name": name, **extra}
+        return {"job_type": "tally", "payload": payload, "parallel": True, "max_retries": 0}
+
+    sup = start(servers, tmp_path, queue_path, "supervise", "--workers", "1", "--import", FIXTURE)
+    # Teach the supervisor that this job type is short, so the next batch goes as one chunk.
+    warm = q.enqueue_many([job(f"warm{i}") for i in range(5)])
+    for job_id in warm:
+        wait_state(q, job_id, "succeeded")
+    before = [f"before{i}" for i in range(5)]
+    after = [f"after{i}" for i in range(5)]
+    ids = q.enqueue_many(
+        [job(n) for n in before] + [job("killer", die=True)] + [job(n) for n in after]
+    )
+    by_name = dict(zip([*before, "killer", *after], ids, strict=True))
+    wait_state(q, by_name["killer"], "dead")
+    for name in before + after:
+        wait_state(q, by_name[name], "succeeded")
+    ran = log.read_text().split()
+    assert sorted(ran) == sorted([f"warm{i}" for i in range(5)] + before + after)  # each once
+    (crash,) = q.get_attempts(by_name["killer"])
+    assert crash.outcome == "crashed" and crash.signal == "SIGKILL"
+    for name in before:
+        assert [a.outcome for a in q.get_attempts(by_name[name])] == ["succeeded"]
+    for name in after:
+        history = q.get_attempts(by_name[name])
+        assert [a.outcome for a in history] == ["handed_back", "succeeded"], name
+        assert "not started" in (history[0].error or "")
+        assert q.get_job(by_name[name]).attempts == 1
+    assert sup.proc.poll() is None
+    q.close()
+
+
 def test_a_hung_python_handler_times_out_and_its_child_is_killed(
     tmp_path: Path, queue_path: str, servers: list[Serving]
 ) -> None:

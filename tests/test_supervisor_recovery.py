@@ -125,7 +125,9 @@ def test_a_job_that_kills_its_supervisor_every_time_ends_dead(
 
 
 def test_recovery_kills_only_processes_that_provably_run_the_attempt(queue_path: str) -> None:
-    """A recorded process group may have been reused (or the machine rebooted) since."""
+    """A recorded process group may have been reused (or the machine rebooted) since; a command
+    spawned just before its pool child died was never recorded. The job's own processes are
+    found by their environment either way, and nothing else is touched."""
     host = "this-host"
     sup = Supervisor(open_db(queue_path), Settings(location=queue_path, host_id=host))
     procs = {
@@ -134,19 +136,22 @@ def test_recovery_kills_only_processes_that_provably_run_the_attempt(queue_path:
             start_new_session=True,
             env={**os.environ, "GRAPHITI_MPQ_JOB_ID": job_id},
         )
-        for name, job_id in (("mine", "j1"), ("unrelated", "other"))
+        for name, job_id in (("mine", "j1"), ("unrecorded", "j2"), ("unrelated", "other"))
     }
     try:
         now = time.time()
         row = {"id": "j1", "owner_host": host, "started_at": now, "worker_pid": None}
-        # A group that runs another job (the number was reused): left alone.
-        sup._kill_recorded({**row, "pgid": procs["unrelated"].pid})
         # An attempt on another host: nothing to kill here.
         sup._kill_recorded({**row, "owner_host": "elsewhere", "pgid": procs["mine"].pid})
         assert all(p.poll() is None for p in procs.values())
-        # The attempt's own group: killed.
-        sup._kill_recorded({**row, "pgid": procs["mine"].pid})
+        # The recorded group now runs another job (the number was reused): left alone, while
+        # the attempt's own command goes.
+        sup._kill_recorded({**row, "pgid": procs["unrelated"].pid})
         assert procs["mine"].wait(10) == -signal.SIGKILL
+        assert procs["unrecorded"].poll() is None and procs["unrelated"].poll() is None
+        # No group recorded at all: found by its environment.
+        sup._kill_recorded({**row, "id": "j2", "pgid": None})
+        assert procs["unrecorded"].wait(10) == -signal.SIGKILL
         assert procs["unrelated"].poll() is None
     finally:
         for proc in procs.values():

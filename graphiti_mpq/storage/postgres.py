@@ -515,18 +515,23 @@ class PostgresQueue(ConsumerApi):
         rows.sort(key=lambda row: (-row["priority"], row["seq"]))
         return [QueuedJob.from_row(row) for row in rows]
 
-    def record_process(self, job: QueuedJob, worker_pid: int, pgid: int | None) -> None:
-        """Remember which process (and process group) runs an attempt, for crash recovery."""
+    def record_processes(self, items: list[tuple[QueuedJob, int, int | None]]) -> None:
+        """Remember which process (and process group) runs each attempt, for crash recovery."""
         from ..procinfo import process_start_time
 
-        start = process_start_time(worker_pid)
-        self._run(
-            lambda conn: conn.execute(
-                "UPDATE jobs SET worker_pid = %s, worker_start = %s, pgid = COALESCE(%s, pgid)"
-                " WHERE id = %s AND state = 'running'",
-                (worker_pid, start, pgid, job.id),
-            )
-        )
+        rows = [(pid, process_start_time(pid), pgid, job.id) for job, pid, pgid in items]
+        if not rows:
+            return
+
+        def work(conn: Conn) -> None:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "UPDATE jobs SET worker_pid = %s, worker_start = %s,"
+                    " pgid = COALESCE(%s, pgid) WHERE id = %s AND state = 'running'",
+                    rows,
+                )
+
+        self._run(work)
 
     def release_claimed(self, owner: int, jobs: list[QueuedJob]) -> None:
         """Give back claimed jobs that never started (a stop while waiting for the barrier)."""

@@ -356,15 +356,18 @@ class JobQueue(ConsumerApi):
             )
         return [QueuedJob.from_row(row) for row in rows]
 
-    def record_process(self, job: QueuedJob, worker_pid: int, pgid: int | None) -> None:
-        """Remember which process (and process group) runs an attempt, for crash recovery."""
+    def record_processes(self, items: list[tuple[QueuedJob, int, int | None]]) -> None:
+        """Remember which process (and process group) runs each attempt, for crash recovery."""
         from ..procinfo import process_start_time
 
+        rows = [(pid, process_start_time(pid), pgid, job.id) for job, pid, pgid in items]
+        if not rows:
+            return
         with self._write() as conn:
-            conn.execute(
+            conn.executemany(
                 "UPDATE jobs SET worker_pid = ?, worker_start = ?, pgid = COALESCE(?, pgid)"
                 " WHERE id = ? AND state = 'running'",
-                (worker_pid, process_start_time(worker_pid), pgid, job.id),
+                rows,
             )
 
     def release_claimed(self, owner: int, jobs: list[QueuedJob]) -> None:
