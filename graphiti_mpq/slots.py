@@ -3,11 +3,13 @@
 Each chunk in flight owns one slot: a header of four integers (the child's pid, how many of the
 chunk's jobs it has started, when the current one started in ``time.monotonic_ns``, how many
 bytes of outcomes it has committed) and a data area of records, each a length, a CRC and a
-pickled ``(index, seconds, AttemptResult)``. The child writes a record before the length that
-commits it; the parent reads committed records only, and a record whose CRC does not match yet
-(a CPU that made the length visible first) is read again on the next look. No lock is involved,
-so a child killed at any instant leaves nothing held, and every outcome it committed survives
-it: a crash in one job of a chunk never loses the outcomes of the jobs before it.
+pickled tuple of plain values (index, seconds, then the ``AttemptResult`` fields: a tuple of
+primitives pickles several times faster than the dataclass and its enum). The child writes a
+record before the length that commits it; the parent reads committed records only, and a
+record whose CRC does not match yet (a CPU that made the length visible first) is read again on
+the next look. No lock is involved, so a child killed at any instant leaves nothing held, and
+every outcome it committed survives it: a crash in one job of a chunk never loses the outcomes
+of the jobs before it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import zlib
 from typing import Any
 
-from .models import AttemptResult
+from .models import AttemptResult, Outcome
 
 _PID, _STARTED, _STARTED_NS, _COMMITTED = range(4)
 _FIELDS = 4
@@ -28,6 +30,7 @@ _RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32 of the body
 SLOT_BYTES = 64 * 1024
 
 Record = tuple[int, float, AttemptResult]  # (index in the chunk, seconds it ran, outcome)
+_OUTCOMES = {outcome.value: outcome for outcome in Outcome}
 
 
 class Slots:
@@ -72,7 +75,8 @@ class Slots:
             body = bytes(view[start : start + length])
             if len(body) != length or zlib.crc32(body) != crc:
                 break  # not all of it visible yet: read it next time
-            records.append(pickle.loads(body))
+            index, seconds, outcome, *fields = pickle.loads(body)
+            records.append((index, seconds, AttemptResult(_OUTCOMES[outcome], *fields)))
             offset = start + length
         return records, offset
 
@@ -94,7 +98,21 @@ class SlotWriter:
 
     def finish(self, index: int, seconds: float, result: AttemptResult) -> bool:
         """Commit job ``index``'s outcome; False when it does not fit (the caller sends it)."""
-        body = pickle.dumps((index, seconds, result), protocol=pickle.HIGHEST_PROTOCOL)
+        r = result
+        body = pickle.dumps(
+            (
+                index,
+                seconds,
+                r.outcome.value,
+                r.error,
+                r.exit_code,
+                r.signal,
+                r.output_tail,
+                r.result,
+                r.finished_at,
+            ),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
         start = self._offset + _RECORD_HEAD.size
         end = start + len(body)
         if end > len(self._view):
