@@ -131,6 +131,9 @@ def parent_death_preexec(sig: int = signal.SIGKILL) -> Callable[[], None]:
     return preexec
 
 
+#: Run by ``sh`` after setpriv armed the signal: if the parent that spawned us (``$1``) died
+#: before that, the signal will never come, so die now rather than run orphaned.
+_ORPHAN_GUARD = '[ "$PPID" = "$1" ] || kill -KILL $$; shift; exec "$@"'
 _wrapper: list[str] | None = None
 _wrapper_checked = False
 
@@ -138,9 +141,11 @@ _wrapper_checked = False
 def parent_death_wrapper() -> list[str] | None:
     """An exec wrapper that arms the parent-death signal in the command itself.
 
-    util-linux ``setpriv --pdeathsig KILL -- CMD`` sets it, then execs CMD: subprocess can then
-    spawn without a ``preexec_fn``, on its fast path (vfork), at half the cost of a full fork
-    of the interpreter. None where setpriv is missing or lacks the option (checked once).
+    util-linux ``setpriv --pdeathsig KILL`` sets it, then execs ``sh``, which checks that its
+    parent is still this process (the guard a ``preexec_fn`` would run) and execs the command.
+    subprocess can then spawn without a ``preexec_fn``, on its fast path (vfork) instead of a
+    full fork of the interpreter. None where setpriv or sh is missing (checked once). Append
+    the program and its arguments.
     """
     global _wrapper, _wrapper_checked
     if not _wrapper_checked:
@@ -148,13 +153,13 @@ def parent_death_wrapper() -> list[str] | None:
         import shutil
         import subprocess
 
-        path = shutil.which("setpriv")
-        if path is not None and sys.platform.startswith("linux"):
-            argv = [path, "--pdeathsig", "KILL", "--"]
+        setpriv, sh = shutil.which("setpriv"), shutil.which("sh")
+        if setpriv is not None and sh is not None and sys.platform.startswith("linux"):
+            argv = [setpriv, "--pdeathsig", "KILL", "--", sh, "-c", _ORPHAN_GUARD, "sh"]
             try:
                 ok = (
                     subprocess.run(
-                        [*argv, path, "--version"],
+                        [*argv, str(os.getpid()), setpriv, "--version"],
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
@@ -165,7 +170,9 @@ def parent_death_wrapper() -> list[str] | None:
             except (OSError, subprocess.SubprocessError):
                 ok = False
             _wrapper = argv if ok else None
-    return _wrapper
+    if _wrapper is None:
+        return None
+    return [*_wrapper, str(os.getpid())]
 
 
 def job_process_groups(job_id: str) -> set[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -145,6 +146,57 @@ def test_parent_death_preexec_kills_child_when_parent_dies() -> None:
         middle.wait()
         if procinfo.is_alive(sleeper):
             os.kill(sleeper, signal.SIGKILL)
+
+
+def _wrapper_or_skip() -> list[str]:
+    wrapper = procinfo.parent_death_wrapper()
+    if wrapper is None:
+        pytest.skip("setpriv (util-linux) or sh is missing: replays use the preexec_fn instead")
+    return wrapper
+
+
+def test_parent_death_wrapper_kills_command_when_parent_dies() -> None:
+    _wrapper_or_skip()
+    script = (
+        "import subprocess, sys, time; from graphiti_mpq import procinfo; "
+        "p = subprocess.Popen([*procinfo.parent_death_wrapper(), 'sleep', '30']); "
+        "print(p.pid, flush=True); time.sleep(30)"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    middle = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    assert middle.stdout is not None
+    sleeper = int(middle.stdout.readline())
+    middle.stdout.close()
+    try:
+        # setpriv and sh exec in place: the pid becomes the sleep's once the guard passed.
+        assert _wait_until(lambda: Path(f"/proc/{sleeper}/comm").read_text().strip() == "sleep")
+        middle.kill()
+        middle.wait()
+        assert _wait_until(lambda: not procinfo.is_alive(sleeper))
+    finally:
+        middle.kill()
+        middle.wait()
+        if procinfo.is_alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def test_parent_death_wrapper_never_runs_a_command_whose_spawner_is_gone(tmp_path: Path) -> None:
+    """The race the signal cannot cover: the spawner died before setpriv armed it, and the
+    command was reparented. Built by another (now gone) process, the wrapper names that one."""
+    mine = _wrapper_or_skip()
+    script = (
+        "import json; from graphiti_mpq import procinfo; "
+        "print(json.dumps(procinfo.parent_death_wrapper()))"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    theirs = json.loads(out.stdout)
+    assert theirs[:-1] == mine[:-1] and theirs[-1] != mine[-1]
+    orphan, adopted = tmp_path / "orphan", tmp_path / "adopted"
+    ran = subprocess.run([*theirs, "touch", str(orphan)])
+    assert ran.returncode == -signal.SIGKILL and not orphan.exists()
+    ran = subprocess.run([*mine, "touch", str(adopted)])
+    assert ran.returncode == 0 and adopted.exists()
 
 
 def test_signal_name_and_describe_exit() -> None:
