@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,33 @@ def test_enqueue_many_never_spools(queue: JobQueue, hold: Holder) -> None:
     hold.release()
     assert queue.ingest_spool() == 0
     assert stored(queue.location) == []
+
+
+def test_api_enqueue_spools_at_its_own_wait_and_the_queue_keeps_its_busy_timeout(
+    queue: JobQueue, hold: Holder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``JobQueue.enqueue`` writes through a connection of its own that waits the enqueue wait
+    (read again on every call); the queue's other writes still wait the full busy timeout."""
+    patient = JobQueue(queue.location, busy_timeout=1.0)
+    try:
+        first = patient.enqueue("t", {"n": 1}, True)
+        monkeypatch.setenv("GRAPHITI_QUEUE_ENQUEUE_WAIT", "0.3")
+        began = time.monotonic()
+        second = patient.enqueue("t", {"n": 2}, True)
+        assert time.monotonic() - began >= 0.25  # the new wait was applied
+        hold.assert_holding()
+        assert spooled_ids(queue.location) == [first, second]
+        began = time.monotonic()
+        with pytest.raises(DatabaseBusyError, match="database busy"):
+            patient.enqueue_many([{"job_type": "t", "payload": {"n": 3}}])
+        assert time.monotonic() - began >= 0.9  # not cut short by the enqueue's wait
+        hold.release()
+        third = patient.enqueue("t", {"n": 4}, True)  # stored at once now
+        assert [row["id"] for row in stored(queue.location)] == [third]
+        assert patient.ingest_spool() == 2
+        assert [row["id"] for row in stored(queue.location)] == [third, first, second]
+    finally:
+        patient.close()
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess[str], prefix: str) -> None:

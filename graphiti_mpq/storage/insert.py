@@ -101,7 +101,10 @@ def prepare_many(jobs: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
 def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[str]:
     """Insert inside the caller's write transaction; a live duplicate returns the existing id."""
     if not any(row[7] is not None for row in rows):
-        conn.executemany(INSERT_SQL, rows)
+        if len(rows) == 1:
+            conn.execute(INSERT_SQL, rows[0])  # (executemany costs more for one row)
+        else:
+            conn.executemany(INSERT_SQL, rows)
         return [row[0] for row in rows]
     ids = []
     for row in rows:
@@ -127,14 +130,16 @@ def insert_or_spool(
     location: str,
     rows: list[tuple[Any, ...]],
     wait: float,
-    busy_timeout: float,
+    busy_timeout: float | None,
 ) -> list[str]:
     """Insert in one transaction, waiting at most ``wait`` for the write lock; else spool.
 
     A hook must never fail or hang on a busy database: after ``wait`` the rows go to the spool
-    (see ``spool``), durably, with the ids they were given. ``busy_timeout`` is restored after.
+    (see ``spool``), durably, with the ids they were given. ``busy_timeout`` is restored after;
+    None means the connection already waits ``wait`` and keeps doing so.
     """
-    conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+    if busy_timeout is not None:
+        conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
@@ -144,7 +149,8 @@ def insert_or_spool(
 
         return spool.write(location, rows)
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        if busy_timeout is not None:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     try:
         ids = insert_rows(conn, rows)
         conn.execute("COMMIT")

@@ -82,6 +82,8 @@ class JobQueue(ConsumerApi):
         self.synchronous = synchronous or os.environ.get("GRAPHITI_QUEUE_SYNCHRONOUS", "normal")
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._enqueue_conn: sqlite3.Connection | None = None
+        self._enqueue_wait = -1.0
         self._lock = threading.RLock()
         self._api_owner: int | None = None
 
@@ -94,6 +96,7 @@ class JobQueue(ConsumerApi):
 
     def connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
+            self._enqueue_conn = None  # a parent's connection: never used in this process
             self._conn = connect(self.location, self.busy_timeout, self.synchronous)
             self._pid = os.getpid()
         return self._conn
@@ -104,11 +107,25 @@ class JobQueue(ConsumerApi):
             self.connection()
         return self
 
+    def _connection_for_enqueue(self, wait: float) -> sqlite3.Connection:
+        """A second connection whose busy timeout stays at the enqueue wait, so that one
+        enqueue is BEGIN, INSERT, COMMIT with no busy-timeout pragma before and after."""
+        conn = self._enqueue_conn
+        if conn is None or self._pid != os.getpid():
+            self.connection()  # (after a fork: forgets the parent's connections)
+            conn = self._enqueue_conn = connect(self.location, wait, self.synchronous)
+        elif wait != self._enqueue_wait:
+            conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+        self._enqueue_wait = wait
+        return conn
+
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+            if self._pid == os.getpid():
+                for conn in (self._conn, self._enqueue_conn):
+                    if conn is not None:
+                        conn.close()
+            self._conn = self._enqueue_conn = None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -173,11 +190,10 @@ class JobQueue(ConsumerApi):
         from ..quick import enqueue_wait
 
         row = insert.prepare_row(job_type, payload, parallel, **options)
+        wait = enqueue_wait()
         with self._lock, translated(self.location):
-            conn = self.connection()
-            ids = insert.insert_or_spool(
-                conn, self.location, [row], enqueue_wait(), self.busy_timeout
-            )
+            conn = self._connection_for_enqueue(wait)
+            ids = insert.insert_or_spool(conn, self.location, [row], wait, None)
         wakeup.poke(self.location)
         return ids[0]
 
