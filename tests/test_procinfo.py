@@ -124,12 +124,12 @@ def test_parent_death_signal() -> None:
     assert subprocess.run([sys.executable, "-c", script], env=env).returncode == 0
 
 
-def test_parent_death_preexec_kills_child_when_parent_dies() -> None:
-    # A middle process starts a long sleep with the preexec, reports its pid and is SIGKILLed.
+def _assert_sleep_dies_with_the_process_that_started_it(popen: str) -> None:
+    """A middle process runs ``p = <popen>`` (a long sleep), reports its pid and is SIGKILLed:
+    the sleep must die with it."""
     script = (
         "import subprocess, sys, time; from graphiti_mpq import procinfo; "
-        "p = subprocess.Popen(['sleep', '30'], preexec_fn=procinfo.parent_death_preexec()); "
-        "print(p.pid, flush=True); time.sleep(30)"
+        f"p = {popen}; print(p.pid, flush=True); time.sleep(30)"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)
     middle = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
@@ -137,7 +137,8 @@ def test_parent_death_preexec_kills_child_when_parent_dies() -> None:
     sleeper = int(middle.stdout.readline())
     middle.stdout.close()
     try:
-        assert procinfo.is_alive(sleeper)
+        # An exec wrapper execs in place: the pid is the sleep's once it has done its part.
+        assert _wait_until(lambda: Path(f"/proc/{sleeper}/comm").read_text().strip() == "sleep")
         middle.kill()
         middle.wait()
         assert _wait_until(lambda: not procinfo.is_alive(sleeper))
@@ -146,6 +147,12 @@ def test_parent_death_preexec_kills_child_when_parent_dies() -> None:
         middle.wait()
         if procinfo.is_alive(sleeper):
             os.kill(sleeper, signal.SIGKILL)
+
+
+def test_parent_death_preexec_kills_child_when_parent_dies() -> None:
+    _assert_sleep_dies_with_the_process_that_started_it(
+        "subprocess.Popen(['sleep', '30'], preexec_fn=procinfo.parent_death_preexec())"
+    )
 
 
 def _wrapper_or_skip() -> list[str]:
@@ -157,27 +164,9 @@ def _wrapper_or_skip() -> list[str]:
 
 def test_parent_death_wrapper_kills_command_when_parent_dies() -> None:
     _wrapper_or_skip()
-    script = (
-        "import subprocess, sys, time; from graphiti_mpq import procinfo; "
-        "p = subprocess.Popen([*procinfo.parent_death_wrapper(), 'sleep', '30']); "
-        "print(p.pid, flush=True); time.sleep(30)"
+    _assert_sleep_dies_with_the_process_that_started_it(
+        "subprocess.Popen([*procinfo.parent_death_wrapper(), 'sleep', '30'])"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    middle = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
-    assert middle.stdout is not None
-    sleeper = int(middle.stdout.readline())
-    middle.stdout.close()
-    try:
-        # setpriv and sh exec in place: the pid becomes the sleep's once the guard passed.
-        assert _wait_until(lambda: Path(f"/proc/{sleeper}/comm").read_text().strip() == "sleep")
-        middle.kill()
-        middle.wait()
-        assert _wait_until(lambda: not procinfo.is_alive(sleeper))
-    finally:
-        middle.kill()
-        middle.wait()
-        if procinfo.is_alive(sleeper):
-            os.kill(sleeper, signal.SIGKILL)
 
 
 def test_parent_death_wrapper_never_runs_a_command_whose_spawner_is_gone(tmp_path: Path) -> None:
