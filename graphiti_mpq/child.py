@@ -27,6 +27,7 @@ from typing import Any
 from . import handlers, procinfo
 from .models import AttemptResult, Outcome
 from .slots import Slots, SlotWriter
+from .startlog import StartMarks
 
 _events: Any = None
 _slots: Slots | None = None
@@ -57,6 +58,7 @@ class Chunk:
     chunk_id: int
     slot: int
     tasks: tuple[Task, ...]
+    start_marks: str | None = None  # the file where each start is marked first (startlog)
 
 
 def _die(code: int) -> None:
@@ -186,19 +188,34 @@ def run_chunk(chunk: Chunk) -> int:
     """
     assert _slots is not None
     writer = SlotWriter(_slots, chunk.slot, os.getpid())
+    marks = StartMarks(chunk.start_marks)
     started = 0
-    for index, task in enumerate(chunk.tasks):
-        if _supervisor_gone():
-            _die(1)  # our supervisor died: no job code may start now
-        if _stopping is not None and _stopping.value:
-            break
-        writer.start(index)
-        started = index + 1
-        began = time.monotonic()
-        result = _run_one(chunk.chunk_id, task)
-        if not writer.finish(index, time.monotonic() - began, result) and _events is not None:
-            _events.put(("result", chunk.chunk_id, task.job_id, result))  # too large
+    try:
+        for index, task in enumerate(chunk.tasks):
+            if _supervisor_gone():
+                _die(1)  # our supervisor died: no job code may start now
+            if _stopping is not None and _stopping.value:
+                break
+            writer.start(index)
+            started = index + 1
+            began = time.monotonic()
+            result = _run_marked(chunk.chunk_id, task, marks)
+            if not writer.finish(index, time.monotonic() - began, result) and _events is not None:
+                _events.put(("result", chunk.chunk_id, task.job_id, result))  # too large
+    finally:
+        marks.close()
     return started
+
+
+def _run_marked(chunk_id: int, task: Task, marks: StartMarks) -> AttemptResult:
+    """Mark the start durably, then run; a job whose start cannot be marked does not run."""
+    try:
+        marks.mark(task.job_id, task.attempt)
+    except OSError as exc:
+        return AttemptResult(
+            Outcome.FAILED, error=f"cannot mark its start: {exc}", finished_at=time.time()
+        )
+    return _run_one(chunk_id, task)
 
 
 def _run_one(chunk_id: int, task: Task) -> AttemptResult:

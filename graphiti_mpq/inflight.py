@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from . import startlog
 from .child import Chunk, Task
 from .models import AttemptResult, QueuedJob
 from .slots import Slots
@@ -80,12 +81,16 @@ class ChunkPlanner:
 class InFlight:
     """Every job in the pool (``running``, by id) and the chunks they went in."""
 
-    def __init__(self, slots: Slots) -> None:
+    def __init__(self, slots: Slots, marks_dir: str | None = None) -> None:
         self.slots = slots
         self.running: dict[str, Running] = {}
         self.chunks: dict[int, InFlightChunk] = {}
         self._free = list(range(slots.count))
         self._ids = itertools.count(1)
+        #: Where children mark the jobs they start (``startlog``); None: not kept.
+        self.marks_dir = marks_dir
+        #: Mark files of closed chunks, to remove once their outcomes are committed.
+        self.closed_marks: list[str] = []
 
     def free_slots(self) -> int:
         return len(self._free)
@@ -100,7 +105,8 @@ class InFlight:
             chunk.jobs.append(running)
             self.running[job.id] = running
         self.chunks[chunk.chunk_id] = chunk
-        return chunk.chunk_id, Chunk(chunk.chunk_id, slot, tuple(task for task, _, _ in jobs))
+        tasks = tuple(task for task, _, _ in jobs)
+        return chunk.chunk_id, Chunk(chunk.chunk_id, slot, tasks, self._marks_file(chunk))
 
     def pending_in(self, chunk: InFlightChunk) -> list[Running]:
         """The chunk's jobs not settled yet."""
@@ -135,8 +141,21 @@ class InFlight:
         """Its child no longer writes to its slot (the task returned, or the child is dead)."""
         if self.chunks.pop(chunk.chunk_id, None) is not None:
             self._free.append(chunk.slot)
+            self._forget_marks(chunk)
 
     def reset(self) -> None:
         """After the pool was replaced: every slot is free (settle the jobs first)."""
+        for chunk in self.chunks.values():
+            self._forget_marks(chunk)
         self.chunks.clear()
         self._free = list(range(self.slots.count))
+
+    def _marks_file(self, chunk: InFlightChunk) -> str | None:
+        if self.marks_dir is None:
+            return None
+        return startlog.chunk_file(self.marks_dir, chunk.chunk_id)
+
+    def _forget_marks(self, chunk: InFlightChunk) -> None:
+        path = self._marks_file(chunk)
+        if path is not None:
+            self.closed_marks.append(path)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import procinfo
+from . import procinfo, startlog
 from .child import Task
 from .config import Settings
 from .errors import DatabaseBusyError
@@ -123,7 +123,7 @@ class Supervisor:
         self._pool = WorkerPool(
             settings.workers, settings.start_method, settings.imports, self._events
         )
-        self._inflight = InFlight(self._pool.slots)
+        self._inflight = InFlight(self._pool.slots, self._prepare_start_marks())
         self._running = self._inflight.running
         self._barrier = self.queue.barrier()
         self.log.info(
@@ -144,6 +144,19 @@ class Supervisor:
             self.summary.seconds = time.monotonic() - began
             self.log.info("supervisor_stopped", **self.summary.to_json())
         return self.summary
+
+    def _prepare_start_marks(self) -> str | None:
+        """The folder where children mark each start, so that if we are killed, recovery
+        charges an attempt only to jobs that started (``startlog``)."""
+        directory = self.queue.start_marks_dir(self._owner)
+        if directory is None:
+            return None
+        try:
+            startlog.prepare(directory)
+        except OSError as exc:
+            self.log.warning("start_marks_unavailable", error=str(exc))
+            return None
+        return directory
 
     def _loop(self) -> None:
         while True:
@@ -477,6 +490,7 @@ class Supervisor:
                 self._spawns = spawns + self._spawns
                 raise
         if not self._results:
+            self._discard_start_marks()
             return
         results, self._results = self._results, []
         by_id = {r.job.id: (r, res) for r, res in results}
@@ -491,6 +505,7 @@ class Supervisor:
             self._results = results + self._results  # nothing was recorded: try again
             raise
         self._last_activity = time.monotonic()
+        self._discard_start_marks()
         for item in finished:
             running, result = by_id[item.job.id]
             self._log_outcome(item, result, running)
@@ -500,6 +515,13 @@ class Supervisor:
             self._release_barrier_if_idle()
         if self.on_progress is not None:
             self.on_progress(len(finished))
+
+    def _discard_start_marks(self) -> None:
+        """Closed chunks' outcomes are committed: their start marks are no longer needed."""
+        if self._inflight is not None and self._inflight.closed_marks:
+            for path in self._inflight.closed_marks:
+                startlog.discard(path)
+            self._inflight.closed_marks.clear()
 
     def _log_outcome(self, item: Finished, result: AttemptResult, running: Running | None) -> None:
         context = item.job.log_context()
@@ -617,6 +639,9 @@ class Supervisor:
             self.queue.unregister_process(self._owner)
         except Exception as exc:  # the stop must finish even if the database is gone
             self.log.warning("unregister_failed", error=str(exc))
+        else:
+            if self._inflight is not None and self._inflight.marks_dir is not None:
+                startlog.remove_owner(self._inflight.marks_dir)
 
     def _hard_stop_pool(self, pool: WorkerPool) -> None:
         pgids = [r.pgid for r in self._running.values() if r.pgid is not None]

@@ -124,6 +124,58 @@ def test_a_job_that_kills_its_supervisor_every_time_ends_dead(
     q.close()
 
 
+def test_jobs_a_killed_supervisor_claimed_but_never_started_use_no_attempt(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """A chunk claimed as running but not reached by any child when its supervisor is
+    SIGKILLed goes back without using an attempt: even with no retries left, nothing of it
+    ends dead. The job that was running counts its attempt, as before."""
+    q = open_db(queue_path)
+    log = tmp_path / "tally.log"
+
+    def tally(name: str) -> dict[str, object]:
+        payload = {"log": str(log), "name": name}
+        return {"job_type": "tally", "payload": payload, "parallel": True, "max_retries": 0}
+
+    options = ["--workers", "1", "--import", FIXTURE, "--backoff-base", "0.1"]
+    first = start(servers, tmp_path, queue_path, "supervise", *options)
+    for job_id in q.enqueue_many([tally(f"warm{i}") for i in range(5)]):  # known to be short
+        wait_state(q, job_id, "succeeded")
+    release = tmp_path / "release"
+    gate_payload = {
+        "started": str(tmp_path / "gate.pid"),
+        "release": str(release),
+        "log": str(tmp_path / "gate.log"),
+        "name": "gate",
+    }
+    names = [f"queued{i}" for i in range(10)]
+    gate, *queued = q.enqueue_many(
+        [{"job_type": "gate", "payload": gate_payload, "parallel": True}]
+        + [tally(name) for name in names]
+    )
+    (child,) = read_pids(tmp_path / "gate.pid")
+    assert all(q.get_job(job_id).state == "running" for job_id in queued)  # claimed with it
+    first.signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    wait_gone([child], what="the killed supervisor's child")
+    assert not log.read_text().split()[5:]  # none of the queued jobs ran
+
+    release.touch()
+    drain = start(
+        servers, tmp_path, queue_path, "drain", *options, "--wait-retries", "--json", ready=False
+    )
+    assert drain.wait() == 0, drain.log()
+    assert attempts_of(q, gate) == [(1, "lost"), (2, "succeeded")]
+    for job_id in queued:
+        history = q.get_attempts(job_id)
+        assert [a.outcome for a in history] == ["handed_back", "succeeded"], history
+        assert "not started" in (history[0].error or "")
+        assert q.get_job(job_id).attempts == 1
+    assert sorted(log.read_text().split()[5:]) == sorted(names)  # each ran once
+    assert os.listdir(queue_path + ".started") == []  # no marks are left behind
+    q.close()
+
+
 def test_recovery_kills_only_processes_that_provably_run_the_attempt(queue_path: str) -> None:
     """A recorded process group may have been reused (or the machine rebooted) since; a command
     spawned just before its pool child died was never recorded. The job's own processes are

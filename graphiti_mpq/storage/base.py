@@ -235,6 +235,10 @@ class QueueStore(Protocol):
 
     def wake_listener(self) -> QueueListener: ...
 
+    def start_marks_dir(self, owner: int) -> str | None:
+        """Where ``owner``'s children mark the jobs they start (``startlog``); None: no marks."""
+        ...
+
     # -- enqueue
     def enqueue(
         self, job_type: str, payload: dict[str, Any], parallel: bool = False, **options: Any

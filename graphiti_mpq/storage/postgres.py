@@ -285,6 +285,10 @@ class PostgresQueue(ConsumerApi):
 
         return PgWakeListener(self.target, channel_name(self._keys()))
 
+    def start_marks_dir(self, owner: int) -> str | None:
+        """None: recovery may run on another host, which could not read them (``startlog``)."""
+        return None
+
     # -- enqueue ---------------------------------------------------------------------------
 
     def enqueue(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .. import wakeup
+from .. import startlog, wakeup
 from ..errors import UnknownJobError, WrongStateError
 from ..models import (
     CLAIMED,
@@ -176,6 +176,10 @@ class JobQueue(ConsumerApi):
     def wake_listener(self) -> WakeListener:
         """Where enqueues poke an idle serving process (a FIFO beside the database)."""
         return wakeup.WakeListener(self.location)
+
+    def start_marks_dir(self, owner: int) -> str | None:
+        """Beside the database: recovery of a dead owner reads them (``startlog``)."""
+        return startlog.owner_dir(self.location, owner)
 
     # -- enqueue ---------------------------------------------------------------------------
 
@@ -596,6 +600,7 @@ class JobQueue(ConsumerApi):
                 f" LEFT JOIN processes p ON p.id = j.owner WHERE j.state IN {_OWNED}",
             )
             dead_owners: set[int] = set()
+            marks: dict[int, set[tuple[str, int]] | None] = {}
             for row in rows:
                 if exclude_owner is not None and row["owner"] == exclude_owner:
                     continue
@@ -621,6 +626,16 @@ class JobQueue(ConsumerApi):
                 result = AttemptResult(
                     Outcome.LOST, error=f"lost: {why} (owner pid {row['owner_pid']})"
                 )
+                if local_dead and row["owner"] is not None:
+                    owner = row["owner"]
+                    if owner not in marks:
+                        marks[owner] = startlog.started(startlog.owner_dir(self.location, owner))
+                    started = marks[owner]
+                    if started is not None and (row["id"], row["attempts"]) not in started:
+                        # Claimed in a chunk no child had reached: it never ran, so no attempt.
+                        result = AttemptResult(
+                            Outcome.HANDED_BACK, error=f"not started: {why} before it began"
+                        )
                 finished = self._apply(
                     conn,
                     job,
@@ -637,6 +652,8 @@ class JobQueue(ConsumerApi):
                     "UPDATE processes SET stopped_at = ? WHERE id = ? AND stopped_at IS NULL",
                     [(now, owner) for owner in dead_owners],
                 )
+        for owner in dead_owners:  # (after the commit: a rollback would need them again)
+            startlog.remove_owner(startlog.owner_dir(self.location, owner))
         return recovered
 
     # -- reads -----------------------------------------------------------------------------
