@@ -196,7 +196,8 @@ def run_chunk(chunk: Chunk) -> int:
                 _die(1)  # our supervisor died: no job code may start now
             if _stopping is not None and _stopping.value:
                 break
-            writer.start(index)
+            if not writer.start(index):
+                break  # the parent moved the rest to a free child (this one was busy)
             started = index + 1
             began = time.monotonic()
             result = _run_marked(chunk.chunk_id, task, marks)

@@ -35,6 +35,7 @@ class Running:
     pid: int | None = None
     pgid: int | None = None
     started: float | None = None
+    awaited_since: float | None = None  # its chunk returned; its outcome comes as an event
 
 
 @dataclass
@@ -48,6 +49,7 @@ class InFlightChunk:
     started: int = 0  # jobs of the chunk started so far
     offset: int = 0  # slot bytes read so far
     dead_since: float | None = None
+    killed_for_time: bool = False  # we killed its child: a job over its time limit
 
 
 class ChunkPlanner:
@@ -98,7 +100,7 @@ class InFlight:
     def add(self, jobs: list[tuple[Task, QueuedJob, float]], now: float) -> tuple[int, Chunk]:
         """Record a chunk of (task, job, limit) about to be handed out; returns its id, task."""
         slot = self._free.pop()
-        self.slots.reset(slot)
+        self.slots.reset(slot, len(jobs))
         chunk = InFlightChunk(next(self._ids), slot)
         for index, (_, job, limit) in enumerate(jobs):
             running = Running(job, now, limit, chunk, index)
@@ -136,6 +138,21 @@ class InFlight:
             return None
         running = chunk.jobs[chunk.started - 1]
         return running if self.running.get(running.job.id) is running else None
+
+    def take_tail(self, chunk: InFlightChunk) -> list[Running]:
+        """Take the jobs the chunk's child has not started away from it, so that a free child
+        can run them now; [] when there are none, or the child is deciding its next start."""
+        slots = self.slots
+        if not slots.can_move_jobs() or not slots.lock(chunk.slot, wait=False):
+            return []
+        try:
+            started = slots.progress(chunk.slot)[1]
+            tail = [r for r in self.pending_in(chunk) if r.index >= started]
+            if tail:
+                slots.set_limit(chunk.slot, started)  # the child stops before them
+        finally:
+            slots.unlock(chunk.slot)
+        return tail
 
     def close(self, chunk: InFlightChunk) -> None:
         """Its child no longer writes to its slot (the task returned, or the child is dead)."""

@@ -224,6 +224,7 @@ class WorkerPool:
         self._child_events.put(None)
         self._reader.join(timeout=5)
         self._child_events.close()
+        self.slots.close()
 
     def restart(self, on_killed: Callable[[list[int]], None] | None = None) -> None:
         """Replace a pool that stopped taking work (a child died holding its task lock)."""

@@ -14,16 +14,19 @@ of the jobs before it.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import pickle
 import struct
+import tempfile
 import time
 import zlib
 from typing import Any
 
 from .models import AttemptResult, Outcome
 
-_PID, _STARTED, _STARTED_NS, _COMMITTED = range(4)
-_FIELDS = 4
+_PID, _STARTED, _STARTED_NS, _COMMITTED, _LIMIT = range(5)
+_FIELDS = 5
 _RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32 of the body
 
 #: Bytes of outcomes one slot holds; an outcome that does not fit goes by the event queue.
@@ -41,16 +44,68 @@ class Slots:
         self.size = size
         self.header: Any = context.RawArray("q", count * _FIELDS)
         self.data: Any = context.RawArray("B", count * size)
+        #: A file whose byte ``slot`` is locked (fcntl) while a chunk's next start is decided:
+        #: the kernel drops a killed child's lock, so it can never be left held. Reopened by
+        #: children through /proc; None where there is no /proc (no jobs are ever moved).
+        self._lock_file: Any = None
+        self.lock_source: str | None = None
+        if os.path.isdir("/proc/self/fd"):
+            self._lock_file = tempfile.TemporaryFile()
+            self.lock_source = f"/proc/{os.getpid()}/fd/{self._lock_file.fileno()}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_lock_file"] = None  # children open lock_source instead
+        return state
+
+    def _lock_fd(self) -> int:
+        if self._lock_file is None:
+            assert self.lock_source is not None
+            self._lock_file = open(self.lock_source, "r+b")  # kept open: closing it drops the locks
+        return int(self._lock_file.fileno())
+
+    def lock(self, slot: int, wait: bool = True) -> bool:
+        """Take the slot's decision lock; False if ``wait`` is off and it is held."""
+        if self.lock_source is None:
+            return True
+        flags = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
+        try:
+            fcntl.lockf(self._lock_fd(), flags, 1, slot)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self, slot: int) -> None:
+        if self.lock_source is not None:
+            fcntl.lockf(self._lock_fd(), fcntl.LOCK_UN, 1, slot)
+
+    def close(self) -> None:
+        """Once no child will use the slots again (the pool is shut down)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        self.lock_source = None
+
+    def can_move_jobs(self) -> bool:
+        return self.lock_source is not None
+
+    def limit(self, slot: int) -> int:
+        return int(self.header[slot * _FIELDS + _LIMIT])
+
+    def set_limit(self, slot: int, limit: int) -> None:
+        """Jobs from index ``limit`` on are no longer this chunk's (call under ``lock``)."""
+        self.header[slot * _FIELDS + _LIMIT] = limit
 
     def view(self, slot: int) -> memoryview:
         start = slot * self.size
         return memoryview(self.data).cast("B")[start : start + self.size]
 
-    def reset(self, slot: int) -> None:
-        """Before a chunk is handed out: no child, nothing started, nothing committed."""
+    def reset(self, slot: int, jobs: int) -> None:
+        """Before a chunk of ``jobs`` is handed out: no child, nothing started or committed."""
         base = slot * _FIELDS
         for offset in range(_FIELDS):
             self.header[base + offset] = 0
+        self.header[base + _LIMIT] = jobs
 
     def progress(self, slot: int) -> tuple[int, int, float, int]:
         """(pid or 0, jobs started, monotonic start of the current one, bytes committed)."""
@@ -85,16 +140,26 @@ class SlotWriter:
     """The child's side of one slot, for one chunk."""
 
     def __init__(self, slots: Slots, slot: int, pid: int) -> None:
+        self._slots, self._slot = slots, slot
         self._header = slots.header
         self._base = slot * _FIELDS
         self._view = slots.view(slot)
         self._offset = 0
         self._header[self._base + _PID] = pid
 
-    def start(self, index: int) -> None:
-        """Publish that job ``index`` starts now (its start time first, then the count)."""
-        self._header[self._base + _STARTED_NS] = time.monotonic_ns()
-        self._header[self._base + _STARTED] = index + 1
+    def start(self, index: int) -> bool:
+        """Publish that job ``index`` starts now (its start time first, then the count);
+        False, and nothing published, if the parent has moved it to another chunk."""
+        slots, slot = self._slots, self._slot
+        slots.lock(slot)
+        try:
+            if index >= slots.limit(slot):
+                return False
+            self._header[self._base + _STARTED_NS] = time.monotonic_ns()
+            self._header[self._base + _STARTED] = index + 1
+            return True
+        finally:
+            slots.unlock(slot)
 
     def finish(self, index: int, seconds: float, result: AttemptResult) -> bool:
         """Commit job ``index``'s outcome; False when it does not fit (the caller sends it)."""

@@ -35,6 +35,7 @@ _BLOCKED_POLL = 0.1  # due jobs held back by another process (its barrier, its j
 _CRASH_CONFIRM = 0.5  # a dead child's result may still be in flight this long
 _CRASH_DETAIL = 5.0  # how long we wait for the pool to collect a dead child's exit status
 _STALL = 10.0  # a dispatched job no child has taken this long means a wedged pool
+_MOVE_AFTER = 0.1  # a job running this long no longer holds up the jobs of its chunk
 _REPLAY_BACKSTOP = 2.0  # a replay enforces its own limit; the loop steps in after this margin
 
 
@@ -96,6 +97,7 @@ class Supervisor:
         self._barrier_logged = False
         self._pool_suspect = False  # a child died without a job: the pool may be wedged
         self._ended_in_job: set[int] = set()  # children that died (or we killed) in a job
+        self._awaited: list[Running] = []  # outcomes on their way as events (see _check_awaited)
         self.ready = threading.Event()
 
     # -- control ---------------------------------------------------------------------------
@@ -283,23 +285,46 @@ class Supervisor:
 
     def _dispatch(self, jobs: list[QueuedJob]) -> None:
         """Hand claimed jobs to the pool in chunks, as the planner sized them for the claim."""
-        assert self._pool is not None and self._inflight is not None
-        now = time.monotonic()
+        assert self._inflight is not None
         sizes = self._planner.plan([job.job_type for job in jobs], self._inflight.free_slots())
         sizes[-1] += len(jobs) - sum(sizes)  # (the claim took exactly these; never leave any)
         start = 0
         for size in sizes:
-            entries = []
-            for job in jobs[start : start + size]:
-                limit = job.timeout if job.timeout is not None else self.settings.job_timeout
-                self.log.debug("job_dispatched", parallel=job.parallel, **job.log_context())
-                task = Task(
-                    job.id, job.job_type, job.payload, job.attempts, limit, self.settings.program
-                )
-                entries.append((task, job, limit))
+            self._submit(jobs[start : start + size])
             start += size
-            chunk_id, chunk = self._inflight.add(entries, now)
-            self._pool.submit(chunk_id, chunk)
+
+    def _submit(self, jobs: list[QueuedJob]) -> None:
+        assert self._pool is not None and self._inflight is not None
+        entries = []
+        for job in jobs:
+            limit = job.timeout if job.timeout is not None else self.settings.job_timeout
+            self.log.debug("job_dispatched", parallel=job.parallel, **job.log_context())
+            task = Task(
+                job.id, job.job_type, job.payload, job.attempts, limit, self.settings.program
+            )
+            entries.append((task, job, limit))
+        chunk_id, chunk = self._inflight.add(entries, time.monotonic())
+        self._pool.submit(chunk_id, chunk)
+
+    def _move_waiting_jobs(self, now: float) -> None:
+        """A free child takes the next parallel job at once (contract): jobs waiting in a chunk
+        behind a long job are moved to a chunk of their own when a child has nothing to do."""
+        assert self._inflight is not None
+        chunks = list(self._inflight.chunks.values())
+        if not self._inflight.free_slots() or any(c.pid is None for c in chunks):
+            return  # no slot for them, or a chunk is already waiting for the free child
+        busy = [c for c in chunks if self._inflight.current(c) is not None]
+        if len(busy) >= self.settings.workers:
+            return
+        for chunk in busy:
+            running = self._inflight.current(chunk)
+            if running is None or running.started is None or now - running.started < _MOVE_AFTER:
+                continue
+            tail = self._inflight.take_tail(chunk)
+            if tail:
+                self.log.debug("jobs_moved", count=len(tail), behind=running.job.id)
+                self._submit([r.job for r in tail])
+                return  # one chunk per check: it takes the free child
 
     def _release_barrier_if_idle(self) -> None:
         if not self._running and self._seq_waiting is None and self._barrier is not None:
@@ -371,7 +396,9 @@ class Supervisor:
                         Outcome.HANDED_BACK, error="not started: the supervisor is stopping"
                     ),
                 )
-            # else: its outcome did not fit the slot and is on its way as a "result" event
+            else:  # its outcome did not fit the slot and is on its way as a "result" event
+                running.awaited_since = time.monotonic()
+                self._awaited.append(running)
         self._inflight.close(chunk)
 
     def _settle(self, running: Running, result: AttemptResult) -> None:
@@ -400,13 +427,19 @@ class Supervisor:
                 continue
             margin = _REPLAY_BACKSTOP if running.pgid is not None else 0.0
             if now - running.started > running.limit + margin:
+                self._read_chunk(chunk)  # it may have finished and moved on since the pass began
+                if self._inflight.current(chunk) is not running:
+                    continue
                 self._kill_group(running)
                 self._pool.kill_child(chunk.pid)
+                chunk.killed_for_time = True
                 ended.add(chunk.pid)
                 self._settle(
                     running,
                     AttemptResult(Outcome.TIMEOUT, error=f"timed out after {running.limit:g}s"),
                 )
+        self._check_awaited(now)
+        self._move_waiting_jobs(now)
         dropped = self._pool.forget_dead({c.pid for c in chunks.values() if c.pid is not None})
         unexpected = set(dropped) - ended
         ended.difference_update(dropped)
@@ -416,6 +449,25 @@ class Supervisor:
             self.log.warning("pool_child_died", pids=sorted(unexpected))
             self._pool_suspect = True
         self._check_stall(now)
+
+    def _check_awaited(self, now: float) -> None:
+        """An outcome sent as an event (too large for its slot) can be lost with a child
+        killed while sending it: give up on it after a while (the attempt counts, it retries)."""
+        if not self._awaited:
+            return
+        waiting = []
+        for running in self._awaited:
+            if self._running.get(running.job.id) is not running:
+                continue  # it arrived
+            assert running.awaited_since is not None
+            if now - running.awaited_since < _CRASH_DETAIL:
+                waiting.append(running)
+                continue
+            self._settle(
+                running,
+                AttemptResult(Outcome.LOST, error="lost: its outcome never reached the supervisor"),
+            )
+        self._awaited = waiting
 
     def _end_dead_chunk(self, chunk: InFlightChunk, crashed: AttemptResult) -> None:
         """A chunk's child died: what it committed stands, the job it ran crashed, the jobs
@@ -428,6 +480,16 @@ class Supervisor:
                 if running.pgid is None:  # a command it spawned but had not reported yet
                     for pgid in procinfo.job_process_groups(running.job.id):
                         procinfo.kill_process_group(pgid)
+                if chunk.killed_for_time:
+                    # It had just moved on when we killed it for the job before: not its fault.
+                    self._settle(
+                        running,
+                        AttemptResult(
+                            Outcome.HANDED_BACK,
+                            error="not finished: its worker was stopped for another job's limit",
+                        ),
+                    )
+                    continue
                 self._settle(running, crashed)
             else:
                 self._settle(

@@ -162,9 +162,21 @@ def gate(payload: dict[str, Any]) -> Any:
 
 @graphiti_mpq.handler("tally")
 def tally(payload: dict[str, Any]) -> Any:
-    """A short job that appends its name to payload["log"]; with "die", SIGKILLs its child."""
+    """A short job that appends its name to payload["log"]; with "die", SIGKILLs its child;
+    with "release", first waits (up to 60 s) for that file to exist."""
     if payload.get("die"):
         os.kill(os.getpid(), signal.SIGKILL)
+    deadline = time.monotonic() + 60.0
+    while payload.get("release") and not os.path.exists(payload["release"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.01)
     with open(payload["log"], "a") as f:
         f.write(payload["name"] + "\n")
     return payload["name"]
+
+
+@graphiti_mpq.handler("big")
+def big(payload: dict[str, Any]) -> Any:
+    """A result of payload["size"] characters: too large for a chunk's shared-memory slot."""
+    return "x" * int(payload["size"])

@@ -55,6 +55,25 @@ def test_drain_exits_0_when_everything_succeeded(
     q.close()
 
 
+def test_outcomes_too_large_for_shared_memory_arrive_whole(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """A chunk reports outcomes through a 64 KiB slot; a larger one is sent apart, intact."""
+    q = open_db(queue_path)
+    sizes = [10, 70_000, 20, 150_000, 30]
+    ids = q.enqueue_many(
+        [{"job_type": "big", "payload": {"size": n}, "parallel": True} for n in sizes]
+    )
+    code, summary, drain = _drain(servers, tmp_path, queue_path, "--json")
+    assert code == 0, drain.log()
+    assert summary["succeeded"] == len(sizes)
+    for job_id, size in zip(ids, sizes, strict=True):
+        job = q.get_job(job_id)
+        assert job.state == "succeeded" and job.result == "x" * size
+        assert attempts_of(q, job_id) == [(1, "succeeded")]
+    q.close()
+
+
 def test_drain_of_an_empty_queue_and_its_one_line_summary(
     tmp_path: Path, queue_path: str, servers: list[Serving]
 ) -> None:

@@ -17,6 +17,7 @@ from .helpers import wait_until
 from .serving import (
     FIXTURE,
     Serving,
+    attempts_of,
     open_db,
     read_pids,
     replay_program,
@@ -108,6 +109,38 @@ def test_a_crash_inside_a_chunk_keeps_the_outcomes_before_it_and_hands_back_the_
         assert "not started" in (history[0].error or "")
         assert q.get_job(by_name[name]).attempts == 1
     assert sup.proc.poll() is None
+    q.close()
+
+
+def test_jobs_waiting_in_a_chunk_behind_a_long_job_go_to_a_free_child(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """Short jobs are handed out many at a time; when the first of them turns out long, the
+    rest do not wait for it while another child is free (a free slot takes the next job)."""
+    q = open_db(queue_path)
+    log = tmp_path / "tally.log"
+    release = tmp_path / "release"
+
+    def job(name: str, **extra: object) -> dict[str, object]:
+        payload = {"log": str(log), "name": name, **extra}
+        return {"job_type": "tally", "payload": payload, "parallel": True}
+
+    start(servers, tmp_path, queue_path, "supervise", "--workers", "2", "--import", FIXTURE)
+    for job_id in q.enqueue_many([job(f"warm{i}") for i in range(5)]):  # known to be short
+        wait_state(q, job_id, "succeeded")
+    names = [f"short{i}" for i in range(10)]
+    long_job, *short = q.enqueue_many(
+        [job("long", release=str(release))] + [job(name) for name in names]
+    )
+    for job_id in short:  # while the long job still waits for its release
+        wait_state(q, job_id, "succeeded")
+    assert q.get_job(long_job).state == "running"
+    release.touch()
+    wait_state(q, long_job, "succeeded")
+    ran = log.read_text().split()[5:]
+    assert sorted(ran) == sorted([*names, "long"]) and ran[-1] == "long"  # each once
+    for job_id in [long_job, *short]:
+        assert attempts_of(q, job_id) == [(1, "succeeded")]
     q.close()
 
 
