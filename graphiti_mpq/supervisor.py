@@ -510,7 +510,9 @@ class Supervisor:
         assert self._pool is not None and self._inflight is not None
         chunks = list(self._inflight.chunks.values())
         waiting = [c for c in chunks if c.pid is None]
-        busy = len(chunks) - len(waiting)
+        # A chunk whose jobs are all settled is not work: its child may be stuck returning it
+        # (a child killed while sending its result holds the pool's result lock for good).
+        busy = sum(1 for c in chunks if c.pid is not None and self._inflight.pending_in(c))
         if not (self._pool_suspect and busy == 0):
             if not waiting or busy >= self.settings.workers:
                 return
