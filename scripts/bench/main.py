@@ -63,6 +63,7 @@ class Metric:
     requires: Callable[[], str | None] | None = None  # None when runnable, else why not
     skipped: str | None = None
     results: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # runs that failed, why (not in results)
 
     def median(self, contender: str, measure: str) -> float:
         return summary(self.results[(contender, measure)])["median"]
@@ -522,7 +523,18 @@ def run_metric(metric: Metric, cfg: Config) -> None:
         order = metric.contenders[shift:] + metric.contenders[:shift]
         for contender in order:
             began = time.monotonic()
-            sample = contender.run(cfg.workdir, index)
+            try:
+                sample = contender.run(cfg.workdir, index)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                # One failed run (a peer's consumer dying, say) costs that sample, not the
+                # whole report; it is listed with the metric.
+                why = str(exc).strip().splitlines()[-1][:300]
+                metric.failures.append(f"{contender.label} run {index + 1}: {why}")
+                print(
+                    f"  [{metric.key} {index + 1}/{runs}] {contender.label}: FAILED: {why}",
+                    file=sys.stderr,
+                )
+                continue
             for key, value in sample.items():
                 metric.results.setdefault((contender.label, key), []).append(float(value))
             shown = ", ".join(f"{k}={v:,.4g}" for k, v in sample.items())
@@ -603,6 +615,8 @@ def render_table(report: dict[str, Any], markdown: bool) -> str:
         lines.append(f"\n### {metric['title']}" if markdown else f"\n== {metric['title']}")
         if metric["note"]:
             lines.append(f"({metric['note']})")
+        for failure in metric.get("failures", []):
+            lines.append(f"failed run, left out: {failure}")
         if metric.get("skipped"):
             lines.append(f"skipped: {metric['skipped']}")
             continue
@@ -745,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                 "subject": m.subject,
                 "rows": rows_of(m),
                 "targets": targets_of(m),
+                "failures": m.failures,
             }
             for m in chosen
         ],

@@ -290,24 +290,45 @@ def _huey_drain(db: str, n: int, workers: int, kind: str) -> dict[str, Any]:
     return {"rate": n / (last - first), "startup": first - launched}
 
 
+def _reports(pipes: list[Any], procs: list[Any], who: str) -> list[Any]:
+    """Each forked process's report; a process that died or failed fails the run, not hangs it."""
+    for _, send in pipes:
+        send.close()  # our copy: a process that dies unreported then reads as EOF
+    try:
+        reports = [recv.recv() for recv, _ in pipes]
+    except EOFError:
+        raise RuntimeError(f"a {who} died without reporting") from None
+    finally:
+        for proc in procs:
+            proc.join()
+    errors = [r[1] for r in reports if r[0] == "error"]
+    if errors:
+        raise RuntimeError(f"a {who} failed: {errors[0]}")
+    return reports
+
+
 def _litequeue_consumer(db: str, kind: str, out: Any) -> None:
     from litequeue import LiteQueue
 
     queue = LiteQueue(db)
     first = last = None
     count = 0
-    while True:
-        message = queue.pop()
-        if message is None:
-            break
-        if first is None:
-            first = time.time()
-        payload = json.loads(message.data)
-        if kind == "replay":
-            subprocess.run(["/bin/true", *payload["command"]], check=True)
-        queue.done(message.message_id)
-        last = time.time()
-        count += 1
+    try:
+        while True:
+            message = queue.pop()
+            if message is None:
+                break
+            if first is None:
+                first = time.time()
+            payload = json.loads(message.data)
+            if kind == "replay":
+                subprocess.run(["/bin/true", *payload["command"]], check=True)
+            queue.done(message.message_id)
+            last = time.time()
+            count += 1
+    except Exception as exc:  # reported, so the run fails with the reason instead of hanging
+        out.send(("error", f"{type(exc).__name__}: {exc}", count))
+        return
     out.send((first, last, count))
 
 
@@ -325,9 +346,7 @@ def _litequeue_drain(db: str, n: int, workers: int, kind: str) -> dict[str, Any]
     procs = [FORK.Process(target=_litequeue_consumer, args=(db, kind, send)) for _, send in pipes]
     for proc in procs:
         proc.start()
-    reports = [recv.recv() for recv, _ in pipes]
-    for proc in procs:
-        proc.join()
+    reports = _reports(pipes, procs, "litequeue consumer")
     done = sum(r[2] for r in reports)
     if done != n:
         raise RuntimeError(f"litequeue consumers did {done} of {n}")
@@ -353,9 +372,7 @@ def _plain_loop(n: int, workers: int) -> dict[str, Any]:
     launched = time.time()
     for proc in procs:
         proc.start()
-    reports = [recv.recv() for recv, _ in pipes]
-    for proc in procs:
-        proc.join()
+    reports = _reports(pipes, procs, "plain loop worker")
     first = min(r[0] for r in reports)
     return {"rate": n / (max(r[1] for r in reports) - first), "startup": first - launched}
 
