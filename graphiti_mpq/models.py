@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -59,6 +60,15 @@ class Outcome(StrEnum):
         return self not in (Outcome.SUCCEEDED, Outcome.HANDED_BACK)
 
 
+#: The columns of a job row that ``QueuedJob.from_values`` reads, in the order it reads them.
+JOB_COLUMNS = (
+    "id", "job_type", "payload", "parallel", "priority", "state", "attempts", "max_retries",
+    "timeout", "dedupe_key", "run_at", "created_at", "started_at", "finished_at", "last_error",
+    "result", "seq", "owner", "duplicate_of",
+)  # fmt: skip
+_JOB_COLUMN_COUNT = len(JOB_COLUMNS)
+
+
 @dataclass(frozen=True)
 class QueuedJob:
     """A job as stored; ``get_batch`` returns these for ``ack``/``nack``."""
@@ -110,6 +120,22 @@ class QueuedJob:
             "last_error": self.last_error,
             "result": self.result,
         }
+
+    @classmethod
+    def from_values(cls, values: Sequence[Any]) -> QueuedJob:
+        """A job from a row of ``JOB_COLUMNS``, in that order: the claim path builds many of
+        these, and a tuple spares it a dict per row."""
+        (
+            job_id, job_type, payload, parallel, priority, state, attempts, max_retries,
+            timeout, dedupe_key, run_at, created_at, started_at, finished_at, last_error,
+            result, seq, owner, duplicate_of,
+        ) = values[:_JOB_COLUMN_COUNT]  # fmt: skip
+        return cls(
+            job_id, job_type, json.loads(payload), bool(parallel), priority, state, attempts,
+            max_retries, timeout, dedupe_key, run_at, created_at, started_at, finished_at,
+            last_error, json.loads(result) if result is not None else None, seq, owner,
+            duplicate_of,
+        )  # fmt: skip
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> QueuedJob:

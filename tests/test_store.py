@@ -160,6 +160,25 @@ def test_claim_order_is_priority_then_enqueue_order(q: QueueStore) -> None:
     assert q.get_stats().succeeded == len(by_name)
 
 
+def test_a_claimed_job_carries_every_field_as_stored(q: QueueStore) -> None:
+    """The claim builds its jobs from the columns it returns, by position: a column out of
+    place would hand handlers the wrong payload or the loop the wrong limits."""
+    options = {"priority": 3, "max_retries": 7, "timeout": 12.5, "dedupe_key": "k-1"}
+    parallel = q.enqueue("par", {"n": [1, "two"]}, True, **options)
+    sequential = q.enqueue("seq", {"s": True}, False, priority=1)
+    (claimed,) = q.get_batch(5)
+    assert claimed.id == parallel and claimed.state == "running" and claimed.attempts == 1
+    assert claimed == q.get_job(parallel)  # every field, read back the other way
+    assert (claimed.payload, claimed.priority, claimed.max_retries, claimed.timeout) == (
+        {"n": [1, "two"]}, 3, 7, 12.5,
+    )  # fmt: skip
+    assert claimed.dedupe_key == "k-1" and claimed.seq < q.get_job(sequential).seq
+    q.ack(claimed)
+    (alone,) = q.get_batch(5)
+    assert alone.id == sequential and not alone.parallel
+    assert alone == q.get_job(sequential)
+
+
 def test_delayed_job_is_skipped_until_due(q: QueueStore) -> None:
     late = q.get_job(q.enqueue("late", {}, True, delay=0.3))
     later = q.enqueue("later", {}, True, delay=3600)

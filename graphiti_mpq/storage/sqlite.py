@@ -22,6 +22,7 @@ from .. import startlog, wakeup
 from ..errors import UnknownJobError, WrongStateError
 from ..models import (
     CLAIMED,
+    JOB_COLUMNS,
     Attempt,
     AttemptResult,
     DeadLetterJob,
@@ -51,6 +52,17 @@ if TYPE_CHECKING:
 _OWNED = "('claimed', 'running')"
 _FINAL = "('succeeded', 'dead', 'cancelled')"
 _TAIL = 4000
+# A claim returns these (a QueuedJob's columns, then the round), read by position.
+_CLAIMED_COLUMNS = ", ".join((*JOB_COLUMNS, "round"))
+_ID, _ATTEMPTS, _PRIORITY, _SEQ = (
+    JOB_COLUMNS.index(c) for c in ("id", "attempts", "priority", "seq")
+)
+_ROUND = len(JOB_COLUMNS)
+
+
+def _contract_order(row: tuple[Any, ...]) -> tuple[int, int]:
+    return -row[_PRIORITY], row[_SEQ]
+
 
 __all__ = ["Finished", "JobQueue", "Recovered", "Waiting"]
 
@@ -357,24 +369,24 @@ class JobQueue(ConsumerApi):
             sql = (
                 "UPDATE jobs SET state = 'running', owner = ?, lease_until = ?, started_at = ?,"
                 " finished_at = NULL, attempts = attempts + 1, worker_pid = NULL, pgid = NULL"
-                f" WHERE seq IN ({marks}) RETURNING *"
+                f" WHERE seq IN ({marks}) RETURNING {_CLAIMED_COLUMNS}"
             )
             params: tuple[Any, ...] = (owner, now + lease, now, *seqs)
         else:
             sql = (
                 "UPDATE jobs SET state = 'claimed', owner = ?, lease_until = ?"
-                f" WHERE seq IN ({marks}) RETURNING *"
+                f" WHERE seq IN ({marks}) RETURNING {_CLAIMED_COLUMNS}"
             )
             params = (owner, now + lease, *seqs)
-        rows = self._rows(conn, sql, params)
-        rows.sort(key=lambda row: (-row["priority"], row["seq"]))
+        rows = conn.execute(sql, params).fetchall()
+        rows.sort(key=_contract_order)
         if running:
             conn.executemany(
                 "INSERT INTO attempts (job_id, round, attempt, started_at, owner)"
                 " VALUES (?, ?, ?, ?, ?)",
-                [(row["id"], row["round"], row["attempts"], now, owner) for row in rows],
+                [(row[_ID], row[_ROUND], row[_ATTEMPTS], now, owner) for row in rows],
             )
-        return [QueuedJob.from_row(row) for row in rows]
+        return [QueuedJob.from_values(row) for row in rows]
 
     def record_processes(self, items: list[tuple[QueuedJob, int, int | None]]) -> None:
         """Remember which process (and process group) runs each attempt, for crash recovery."""
