@@ -316,7 +316,8 @@ def metrics(cfg: Config) -> list[Metric]:
                 ),
             ],
             note="huey: SqliteHuey defaults, Consumer(workers=2, worker_type='process'); "
-            "litequeue: a hand-written consumer, 2 forked processes (pop, run, done)",
+            "litequeue: a hand-written consumer, 2 forked processes (pop, run, done; "
+            "a locked database retried)",
         ),
         Metric(
             "drain_replay",

@@ -7,6 +7,7 @@ one never help or hurt another.
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.common import (
     child_env,
@@ -307,6 +308,22 @@ def _reports(pipes: list[Any], procs: list[Any], who: str) -> list[Any]:
     return reports
 
 
+T = TypeVar("T")
+
+
+def _retry_locked(call: Callable[[], T]) -> T:
+    """What a user of litequeue would write: its connection gives up on a locked database at
+    once (two consumers collide now and then), so try again, for up to 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
 def _litequeue_consumer(db: str, kind: str, out: Any) -> None:
     from litequeue import LiteQueue
 
@@ -315,7 +332,7 @@ def _litequeue_consumer(db: str, kind: str, out: Any) -> None:
     count = 0
     try:
         while True:
-            message = queue.pop()
+            message = _retry_locked(queue.pop)
             if message is None:
                 break
             if first is None:
@@ -323,7 +340,7 @@ def _litequeue_consumer(db: str, kind: str, out: Any) -> None:
             payload = json.loads(message.data)
             if kind == "replay":
                 subprocess.run(["/bin/true", *payload["command"]], check=True)
-            queue.done(message.message_id)
+            _retry_locked(functools.partial(queue.done, message.message_id))
             last = time.time()
             count += 1
     except Exception as exc:  # reported, so the run fails with the reason instead of hanging
