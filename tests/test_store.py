@@ -179,6 +179,20 @@ def test_a_claimed_job_carries_every_field_as_stored(q: QueueStore) -> None:
     assert alone == q.get_job(sequential)
 
 
+def test_a_large_batch_is_claimed_and_recorded_whole(q: QueueStore) -> None:
+    """Claims and outcomes name their jobs in one statement whatever the batch size."""
+    ids = q.enqueue_many([{"job_type": "bulk", "payload": {"i": i}, "parallel": True}
+                          for i in range(1500)])  # fmt: skip
+    jobs = q.get_batch(2000)
+    assert [job.id for job in jobs] == ids and {job.state for job in jobs} == {"running"}
+    finished = q.finish([(job, AttemptResult(Outcome.SUCCEEDED, result=job.payload["i"]))
+                         for job in jobs])  # fmt: skip
+    assert len(finished) == 1500
+    assert q.get_stats().succeeded == 1500
+    last = q.get_job(ids[-1])
+    assert last.result == 1499 and q.get_attempts(last.id)[-1].outcome == "succeeded"
+
+
 def test_delayed_job_is_skipped_until_due(q: QueueStore) -> None:
     late = q.get_job(q.enqueue("late", {}, True, delay=0.3))
     later = q.enqueue("later", {}, True, delay=3600)

@@ -58,6 +58,10 @@ _ID, _ATTEMPTS, _PRIORITY, _SEQ = (
     JOB_COLUMNS.index(c) for c in ("id", "attempts", "priority", "seq")
 )
 _ROUND = len(JOB_COLUMNS)
+# "IN (?, ?, ...)" with one mark per item makes a new statement text for every batch size, and
+# each is compiled and kept in the connection's statement cache (up to 128 of them, some tens of
+# KB each: megabytes over a day of varying batches). One JSON array parameter keeps one.
+_LISTED = "(SELECT value FROM json_each(?))"
 
 
 def _contract_order(row: tuple[Any, ...]) -> tuple[int, int]:
@@ -345,9 +349,9 @@ class JobQueue(ConsumerApi):
             seqs = [
                 seq
                 for (seq,) in conn.execute(
-                    f"SELECT seq FROM jobs WHERE state = 'claimed' AND owner = ? AND seq IN"
-                    f" ({','.join('?' * len(jobs))})",
-                    (owner, *[job.seq for job in jobs]),
+                    "SELECT seq FROM jobs WHERE state = 'claimed' AND owner = ?"
+                    f" AND seq IN {_LISTED}",
+                    (owner, json.dumps([job.seq for job in jobs])),
                 ).fetchall()
             ]
             return self._mark(conn, seqs, owner, lease, now, running=True)
@@ -364,20 +368,20 @@ class JobQueue(ConsumerApi):
     ) -> list[QueuedJob]:
         if not seqs:
             return []
-        marks = ",".join("?" * len(seqs))
+        listed = json.dumps(seqs)
         if running:
             sql = (
                 "UPDATE jobs SET state = 'running', owner = ?, lease_until = ?, started_at = ?,"
                 " finished_at = NULL, attempts = attempts + 1, worker_pid = NULL, pgid = NULL"
-                f" WHERE seq IN ({marks}) RETURNING {_CLAIMED_COLUMNS}"
+                f" WHERE seq IN {_LISTED} RETURNING {_CLAIMED_COLUMNS}"
             )
-            params: tuple[Any, ...] = (owner, now + lease, now, *seqs)
+            params: tuple[Any, ...] = (owner, now + lease, now, listed)
         else:
             sql = (
                 "UPDATE jobs SET state = 'claimed', owner = ?, lease_until = ?"
-                f" WHERE seq IN ({marks}) RETURNING {_CLAIMED_COLUMNS}"
+                f" WHERE seq IN {_LISTED} RETURNING {_CLAIMED_COLUMNS}"
             )
-            params = (owner, now + lease, *seqs)
+            params = (owner, now + lease, listed)
         rows = conn.execute(sql, params).fetchall()
         rows.sort(key=_contract_order)
         if running:
@@ -464,17 +468,15 @@ class JobQueue(ConsumerApi):
 
     @staticmethod
     def _attempt_rows(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[Any, ...]]:
-        """id -> (attempts, round, max_retries, state, owner), a few queries for many jobs."""
-        rows: dict[str, tuple[Any, ...]] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
+        """id -> (attempts, round, max_retries, state, owner), one query for many jobs."""
+        return {
+            row[0]: row[1:]
             for row in conn.execute(
                 "SELECT id, attempts, round, max_retries, state, owner FROM jobs"
-                f" WHERE id IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ):
-                rows[row[0]] = row[1:]
-        return rows
+                f" WHERE id IN {_LISTED}",
+                (json.dumps(ids),),
+            )
+        }
 
     @staticmethod
     def _succeed_many(
