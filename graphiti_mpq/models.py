@@ -67,6 +67,7 @@ JOB_COLUMNS = (
     "result", "seq", "owner", "duplicate_of",
 )  # fmt: skip
 _JOB_COLUMN_COUNT = len(JOB_COLUMNS)
+_OPTIONAL_COLUMNS = frozenset({"result", "owner", "duplicate_of"})  # absent from some reads
 
 
 @dataclass(frozen=True)
@@ -139,27 +140,10 @@ class QueuedJob:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> QueuedJob:
-        result = row.get("result")
-        return cls(
-            id=row["id"],
-            job_type=row["job_type"],
-            payload=json.loads(row["payload"]),
-            parallel=bool(row["parallel"]),
-            priority=row["priority"],
-            state=row["state"],
-            attempts=row["attempts"],
-            max_retries=row["max_retries"],
-            timeout=row["timeout"],
-            dedupe_key=row["dedupe_key"],
-            run_at=row["run_at"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            last_error=row["last_error"],
-            result=json.loads(result) if result is not None else None,
-            seq=row["seq"],
-            owner=row.get("owner"),
-            duplicate_of=row.get("duplicate_of"),
+        """A job from a row read by column name (``result``, ``owner`` and ``duplicate_of`` may
+        be absent); decoded by ``from_values``, so both readings agree."""
+        return cls.from_values(
+            [row.get(c) if c in _OPTIONAL_COLUMNS else row[c] for c in JOB_COLUMNS]
         )
 
 
