@@ -4,8 +4,9 @@ A child writes which job of its chunk it starts, and each job's outcome as soon 
 to the chunk's slot of shared memory (see ``slots.py``): the parent can tell a child that died
 mid-job (``multiprocessing.Pool`` never reports that) from one that finished, and no outcome
 of a finished job is lost when a later job of the chunk crashes the child. The process group of
-a replayed command goes through a small event queue. A child never touches the database or the
-barrier.
+a replayed command goes there too, the moment it exists: no message a killed child could leave
+half-sent, and no wake-up of the parent for each spawn. A child never touches the database or
+the barrier.
 
 No job code outlives the supervisor: each child watches the supervisor's pid (a pidfd; the
 parent-death signal alone fails under forkserver, whose server outlives it) and, when it goes,
@@ -20,7 +21,9 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -163,11 +166,6 @@ def init_child(
         _init_error = str(exc)
 
 
-def _report_spawn(chunk_id: int, job_id: str, pgid: int) -> None:
-    if _events is not None:
-        _events.put(("spawn", chunk_id, job_id, os.getpid(), pgid))
-
-
 def _supervisor_gone() -> bool:
     """Whether the serving process has ended (the watcher may not have acted yet)."""
     if _supervisor is None:
@@ -200,7 +198,7 @@ def run_chunk(chunk: Chunk) -> int:
                 break  # the parent moved the rest to a free child (this one was busy)
             started = index + 1
             began = time.monotonic()
-            result = _run_marked(chunk.chunk_id, task, marks)
+            result = _run_marked(task, marks, partial(writer.spawned, index))
             if not writer.finish(index, time.monotonic() - began, result) and _events is not None:
                 _events.put(("result", chunk.chunk_id, task.job_id, result))  # too large
     finally:
@@ -208,7 +206,7 @@ def run_chunk(chunk: Chunk) -> int:
     return started
 
 
-def _run_marked(chunk_id: int, task: Task, marks: StartMarks) -> AttemptResult:
+def _run_marked(task: Task, marks: StartMarks, on_spawn: Callable[[int], None]) -> AttemptResult:
     """Mark the start durably, then run; a job whose start cannot be marked does not run."""
     try:
         marks.mark(task.job_id, task.attempt)
@@ -216,10 +214,10 @@ def _run_marked(chunk_id: int, task: Task, marks: StartMarks) -> AttemptResult:
         return AttemptResult(
             Outcome.FAILED, error=f"cannot mark its start: {exc}", finished_at=time.time()
         )
-    return _run_one(chunk_id, task)
+    return _run_one(task, on_spawn)
 
 
-def _run_one(chunk_id: int, task: Task) -> AttemptResult:
+def _run_one(task: Task, on_spawn: Callable[[int], None]) -> AttemptResult:
     """One attempt; every failure comes back as an AttemptResult, never as an exception."""
     if _init_error is not None:
         return AttemptResult(Outcome.FAILED, error=_init_error, finished_at=time.time())
@@ -231,7 +229,7 @@ def _run_one(chunk_id: int, task: Task) -> AttemptResult:
             job_id=task.job_id,
             attempt=task.attempt,
             timeout=task.timeout,
-            on_spawn=lambda pgid: _report_spawn(chunk_id, task.job_id, pgid),
+            on_spawn=on_spawn,
         )
     except BaseException as exc:  # a handler that raises SystemExit or the like
         result = AttemptResult(Outcome.FAILED, error=f"{type(exc).__name__}: {exc}")

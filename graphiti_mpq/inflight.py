@@ -93,6 +93,8 @@ class InFlight:
         self.marks_dir = marks_dir
         #: Mark files of closed chunks, to remove once their outcomes are committed.
         self.closed_marks: list[str] = []
+        #: Jobs whose command's process group was learnt since the last look, to record.
+        self.spawned: list[Running] = []
 
     def free_slots(self) -> int:
         return len(self._free)
@@ -117,9 +119,11 @@ class InFlight:
     def read(self, chunk: InFlightChunk) -> tuple[list[tuple[Running, float, AttemptResult]], bool]:
         """New outcomes the chunk's child committed, and whether its child is new to us.
 
-        Marks the job it runs now as started (with the child's own start time).
+        Marks the job it runs now as started (with the child's own start time), and learns the
+        process group of each command its jobs spawned (``spawned``).
         """
-        pid, started, started_at, committed = self.slots.progress(chunk.slot)
+        slots = self.slots
+        pid, started, started_at, committed = slots.progress(chunk.slot)
         new_child = bool(pid) and chunk.pid != pid
         if new_child:
             chunk.pid = pid
@@ -127,10 +131,22 @@ class InFlight:
             chunk.started = started
             current = chunk.jobs[started - 1]
             current.pid, current.started = pid, started_at
-        records, chunk.offset = self.slots.records(chunk.slot, chunk.offset, committed)
-        return [(chunk.jobs[index], seconds, result) for index, seconds, result in records], (
-            new_child
-        )
+        spawn = slots.spawned(chunk.slot)
+        if spawn is not None:
+            self._learn_group(chunk.jobs[spawn[0]], spawn[1])
+        records, chunk.offset = slots.records(chunk.slot, chunk.offset, committed)
+        outcomes = []
+        for index, seconds, pgid, result in records:
+            running = chunk.jobs[index]
+            if pgid is not None:
+                self._learn_group(running, pgid)
+            outcomes.append((running, seconds, result))
+        return outcomes, new_child
+
+    def _learn_group(self, running: Running, pgid: int) -> None:
+        if running.pgid is None:
+            running.pgid = pgid
+            self.spawned.append(running)
 
     def current(self, chunk: InFlightChunk) -> Running | None:
         """The job the chunk's child runs now (started, not settled), if any."""

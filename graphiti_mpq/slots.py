@@ -1,15 +1,17 @@
 """Shared memory through which pool children report the progress of a chunk of jobs.
 
-Each chunk in flight owns one slot: a header of four integers (the child's pid, how many of the
+Each chunk in flight owns one slot: a header of integers (the child's pid, how many of the
 chunk's jobs it has started, when the current one started in ``time.monotonic_ns``, how many
-bytes of outcomes it has committed) and a data area of records, each a length, a CRC and a
-pickled tuple of plain values (index, seconds, then the ``AttemptResult`` fields: a tuple of
-primitives pickles several times faster than the dataclass and its enum). The child writes a
-record before the length that commits it; the parent reads committed records only, and a
-record whose CRC does not match yet (a CPU that made the length visible first) is read again on
-the next look. No lock is involved, so a child killed at any instant leaves nothing held, and
-every outcome it committed survives it: a crash in one job of a chunk never loses the outcomes
-of the jobs before it.
+bytes of outcomes it has committed, how many jobs are still the chunk's, and the process group
+of the command the current job spawned, with that job's index in the same word so that the
+parent never pins it on another job) and a data area of records, each a length, a CRC and a
+pickled tuple of plain values (index, seconds, process group, then the ``AttemptResult``
+fields: a tuple of primitives pickles several times faster than the dataclass and its enum).
+The child writes a record before the length that commits it; the parent reads committed
+records only, and a record whose CRC does not match yet (a CPU that made the length visible
+first) is read again on the next look. No lock is involved, so a child killed at any instant
+leaves nothing held, and every outcome it committed survives it: a crash in one job of a chunk
+never loses the outcomes of the jobs before it.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from typing import Any
 
 from .models import AttemptResult, Outcome
 
-_PID, _STARTED, _STARTED_NS, _COMMITTED, _LIMIT = range(5)
-_FIELDS = 5
+_PID, _STARTED, _STARTED_NS, _COMMITTED, _LIMIT, _SPAWNED = range(6)
+_FIELDS = 6
+_PGID_BITS = 32  # a pid is below 2**22 on Linux
 _RECORD_HEAD = struct.Struct("<II")  # body length, CRC-32 of the body
 
 #: Bytes of outcomes one slot holds; an outcome that does not fit goes by the event queue.
 SLOT_BYTES = 64 * 1024
 
-Record = tuple[int, float, AttemptResult]  # (index in the chunk, seconds it ran, outcome)
+#: (index in the chunk, seconds it ran, process group of its command or None, outcome)
+Record = tuple[int, float, int | None, AttemptResult]
 _OUTCOMES = {outcome.value: outcome for outcome in Outcome}
 
 
@@ -118,6 +122,13 @@ class Slots:
             header[base + _COMMITTED],
         )
 
+    def spawned(self, slot: int) -> tuple[int, int] | None:
+        """(index of the job, process group) of the latest command a job of the chunk spawned."""
+        word = int(self.header[slot * _FIELDS + _SPAWNED])
+        if not word:
+            return None
+        return (word >> _PGID_BITS) - 1, word & ((1 << _PGID_BITS) - 1)
+
     def records(self, slot: int, offset: int, committed: int) -> tuple[list[Record], int]:
         """The records between ``offset`` and ``committed``; returns them and the new offset."""
         if committed <= offset:
@@ -130,8 +141,8 @@ class Slots:
             body = bytes(view[start : start + length])
             if len(body) != length or zlib.crc32(body) != crc:
                 break  # not all of it visible yet: read it next time
-            index, seconds, outcome, *fields = pickle.loads(body)
-            records.append((index, seconds, AttemptResult(_OUTCOMES[outcome], *fields)))
+            index, seconds, pgid, outcome, *fields = pickle.loads(body)
+            records.append((index, seconds, pgid, AttemptResult(_OUTCOMES[outcome], *fields)))
             offset = start + length
         return records, offset
 
@@ -145,6 +156,7 @@ class SlotWriter:
         self._base = slot * _FIELDS
         self._view = slots.view(slot)
         self._offset = 0
+        self._spawned: tuple[int, int] | None = None
         self._header[self._base + _PID] = pid
 
     def start(self, index: int) -> bool:
@@ -161,13 +173,22 @@ class SlotWriter:
         finally:
             slots.unlock(slot)
 
+    def spawned(self, index: int, pgid: int) -> None:
+        """Publish the process group of the command job ``index`` runs (one aligned 64-bit
+        store: a reader sees the whole word or the one before). The job's outcome record
+        repeats it, for a parent that reads only after the next job spawned."""
+        self._spawned = (index, pgid)
+        self._header[self._base + _SPAWNED] = ((index + 1) << _PGID_BITS) | pgid
+
     def finish(self, index: int, seconds: float, result: AttemptResult) -> bool:
         """Commit job ``index``'s outcome; False when it does not fit (the caller sends it)."""
         r = result
+        spawned = self._spawned
         body = pickle.dumps(
             (
                 index,
                 seconds,
+                spawned[1] if spawned is not None and spawned[0] == index else None,
                 r.outcome.value,
                 r.error,
                 r.exit_code,

@@ -360,10 +360,7 @@ class Supervisor:
         running = self._running.get(event[2])
         if running is None or running.chunk.chunk_id != event[1]:
             return  # a late report of an attempt already settled (timed out, crashed)
-        if kind == "spawn":
-            running.pgid = event[4]
-            self._spawns.append((running.job, event[3], event[4]))
-        elif kind == "result":
+        if kind == "result":
             self._settle(running, event[3])
 
     def _read_slots(self) -> None:
@@ -546,6 +543,12 @@ class Supervisor:
     # -- recording outcomes ----------------------------------------------------------------
 
     def _flush(self) -> None:
+        assert self._inflight is not None
+        if self._inflight.spawned:
+            self._spawns += [
+                (r.job, r.chunk.pid, r.pgid) for r in self._inflight.spawned if r.chunk.pid
+            ]
+            self._inflight.spawned.clear()
         if self._spawns:
             spawns, self._spawns = self._spawns, []
             try:

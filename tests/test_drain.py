@@ -138,3 +138,21 @@ def test_drain_beside_a_supervisor_does_not_wait_for_its_jobs(
     assert q.get_job(busy).state == "running"
     wait_state(q, waiting, "succeeded")
     q.close()
+
+
+def test_every_replayed_command_is_logged_with_its_exit(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """Short commands end before the loop looks at their child: the process group travels
+    with each outcome, so every replay still gets its ``command_replayed`` line."""
+    q = open_db(queue_path)
+    ok = [q.enqueue("ok", {"command": "ok"}, parallel=True) for _ in range(40)]
+    failing = q.enqueue("exits4", {"command": "fail"}, parallel=True, max_retries=0)
+    code, _, drain = _drain(servers, tmp_path, queue_path)
+    assert code == 1, drain.log()
+    events = [json.loads(line) for line in drain.log_path.read_text().splitlines()]
+    replayed = {e["job_id"]: e for e in events if e.get("event") == "command_replayed"}
+    assert set(replayed) == {*ok, failing}
+    assert {replayed[job_id]["exit_code"] for job_id in ok} == {0}
+    assert replayed[failing]["exit_code"] == 4
+    q.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -232,4 +233,32 @@ def test_children_killed_while_idle_do_not_wedge_the_pool(
     assert (q.get_attempts(job)[-1].started_at or 0) - enqueued < 5.0, sup.log()
     sup.wait_event("pool_child_died")
     assert sup.proc.poll() is None
+    q.close()
+
+
+def test_a_replayed_commands_group_is_recorded_and_dies_with_its_killed_child(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """The child reports the command's process group through its slot: the job's row names it
+    (with the child) while it runs, and killing the child takes the whole group along."""
+    q = open_db(queue_path)
+    program = replay_program(tmp_path)
+    pidfile = tmp_path / "replay.pid"
+    job = q.enqueue("hang", {"command": "hang", "args": [str(pidfile)]}, max_retries=0)
+    start(servers, tmp_path, queue_path, "supervise", "--workers", "2", "--program", program)
+    command, grandchild = read_pids(pidfile)
+    child = _ppid(command)
+
+    def recorded() -> tuple[int | None, int | None]:
+        with sqlite3.connect(queue_path) as conn:
+            row = conn.execute("SELECT pgid, worker_pid FROM jobs WHERE id = ?", (job,)).fetchone()
+        return row[0], row[1]
+
+    wait_until(lambda: recorded() == (command, child), 10.0, what="the command's group recorded")
+    os.kill(child, signal.SIGKILL)
+    wait_state(q, job, "dead")
+    (attempt,) = q.get_attempts(job)
+    assert attempt.outcome == "crashed", attempt
+    assert attempt.signal == "SIGKILL"
+    wait_gone([command, grandchild], what="the command and its grandchild")
     q.close()
