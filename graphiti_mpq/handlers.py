@@ -17,14 +17,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from . import procinfo
+from . import procinfo, spawn
 from .errors import HandlerError
 from .models import AttemptResult, Outcome
-
-if TYPE_CHECKING:
-    import subprocess
 
 #: A Python handler: called with the job's payload; its return value is the job's result.
 Handler = Callable[[dict[str, Any]], Any]
@@ -214,39 +211,6 @@ def _spawn_error(exc: OSError, program: str, cwd: str | None) -> AttemptResult:
     return _failed(f"cannot start {program}: {exc.strerror or exc}")
 
 
-def _spawn_plan(
-    argv: list[str], executable: str | None, env: Mapping[str, str]
-) -> tuple[list[str], str | None, Callable[[], None] | None] | AttemptResult:
-    """(argv, executable, preexec_fn) that make the command die with this process.
-
-    SIGKILLed before anyone learnt the command's group, it would run on unsupervised. An exec
-    wrapper arms the parent-death signal where there is one; else a preexec_fn does, which
-    makes subprocess use a plain fork() of this interpreter (slower, but as safe).
-    """
-    wrapper = procinfo.parent_death_wrapper()
-    if wrapper is None:
-        return argv, executable, procinfo.parent_death_preexec(signal.SIGKILL)
-    target = _resolve_program(argv[0] if executable is None else executable, env)
-    if isinstance(target, AttemptResult):
-        return target
-    return [*wrapper, target, *argv[1:]], None, None
-
-
-def _resolve_program(program: str, env: Mapping[str, str]) -> str | AttemptResult:
-    """The path a replay execs (the exec wrapper cannot report a missing program to us)."""
-    import shutil
-
-    if os.sep in program:
-        path: str | None = program
-    else:
-        path = shutil.which(program, mode=os.F_OK, path=env.get("PATH", os.defpath))
-    if path is None or not os.path.exists(path):
-        return _failed(f"program not found: {program}")
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
-        return _failed(f"program is not executable: {program}")
-    return path
-
-
 def _has_exited(pid: int) -> bool:
     """Whether our child ``pid`` has ended, without reaping it.
 
@@ -260,7 +224,7 @@ def _has_exited(pid: int) -> bool:
     return info is not None
 
 
-def _pump(proc: subprocess.Popen[bytes], tail: _Tail, deadline: float | None) -> tuple[bool, bool]:
+def _pump(proc: spawn.Command, tail: _Tail, deadline: float | None) -> tuple[bool, bool]:
     """Read the command's output until it exits or the deadline passes.
 
     Returns (exited, pipe_open). Exit is noticed through a pidfd where the kernel has them, so a
@@ -308,7 +272,7 @@ def _pump(proc: subprocess.Popen[bytes], tail: _Tail, deadline: float | None) ->
     return exited, pipe_open
 
 
-def _drain(proc: subprocess.Popen[bytes], tail: _Tail) -> None:
+def _drain(proc: spawn.Command, tail: _Tail) -> None:
     """Read what is left in the pipe, for at most _DRAIN_SECONDS."""
     import selectors
 
@@ -356,8 +320,6 @@ def run_replay(
     signal so it dies with the process running the job. ``on_spawn(pgid)`` lets the caller
     record the group for crash recovery. ``timeout`` None (or not positive) means no limit.
     """
-    import subprocess
-
     try:
         argv = build_argv(program, payload)
     except HandlerError as exc:
@@ -376,28 +338,14 @@ def run_replay(
     env["GRAPHITI_MPQ_JOB_ID"] = str(job_id)
     env["GRAPHITI_MPQ_ATTEMPT"] = str(attempt)
     deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
-    plan = _spawn_plan(argv, executable, env)
-    if isinstance(plan, AttemptResult):
-        return plan
-    argv, executable, preexec = plan
     spawning = spawn_lock.acquire(timeout=5.0)
     try:
-        proc = subprocess.Popen(
-            argv,
-            executable=executable,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group, so the whole of it can be killed
-            preexec_fn=preexec,
-        )
+        proc = spawn.start(argv, executable, cwd, env)
     except OSError as exc:
         if spawning:
             spawn_lock.release()
         return _spawn_error(exc, program, cwd)
-    pgid = proc.pid  # start_new_session: the command leads its own group
+    pgid = proc.pid  # a new session: the command leads its own group
     me = threading.get_ident()
     with _active_lock:
         _active_groups[me] = pgid

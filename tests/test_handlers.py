@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from graphiti_mpq import handlers, procinfo
+from graphiti_mpq import handlers, procinfo, spawn
 from graphiti_mpq.errors import HandlerError
 from graphiti_mpq.handlers import build_argv, run_job, run_python, run_replay
 from graphiti_mpq.models import Outcome
@@ -111,8 +111,14 @@ class Fake:
         return run_replay(payload, **options)
 
 
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
+@pytest.fixture(params=["compiled", "wrappers"])
+def fake(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Fake]:
+    """A fake program to replay, started by the compiled spawn and by the exec wrappers."""
+    if request.param == "compiled" and spawn._spawn is None:
+        pytest.skip("graphiti_mpq._spawn is not built here (no C compiler at install)")
+    monkeypatch.setattr(spawn, "use_compiled", request.param == "compiled")
     f = Fake(tmp_path)
     monkeypatch.setenv("FAKE_RECORD", str(f.record_path))
     monkeypatch.setenv("FAKE_PIDFILE", str(f.pidfile))
