@@ -19,6 +19,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -26,8 +27,24 @@
 
 enum { STEP_PARENT = 1, STEP_CHDIR = 2, STEP_STREAMS = 3, STEP_EXEC = 4, STEP_SETUP = 5 };
 
-/* A NULL-terminated array of the bytes of each item of a sequence (borrowed pointers, kept
- * alive by `keep`, which the caller releases). */
+/* The bytes of `obj` as a C string; ValueError if it holds a NUL (the C string would stop
+ * there: another command than the one recorded). */
+static const char *c_string(PyObject *obj, const char *what)
+{
+    if (!PyBytes_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes", what);
+        return NULL;
+    }
+    const char *s = PyBytes_AS_STRING(obj);
+    if (strlen(s) != (size_t)PyBytes_GET_SIZE(obj)) {
+        PyErr_Format(PyExc_ValueError, "embedded null byte in %s", what);
+        return NULL;
+    }
+    return s;
+}
+
+/* A NULL-terminated array of the items of a sequence of bytes (borrowed pointers, kept alive
+ * by `keep`, which the caller releases). */
 static char **to_vector(PyObject *seq, PyObject **keep, const char *what)
 {
     PyObject *fast = PySequence_Fast(seq, what);
@@ -41,21 +58,54 @@ static char **to_vector(PyObject *seq, PyObject **keep, const char *what)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
-        if (!PyBytes_Check(item)) {
-            PyErr_Format(PyExc_TypeError, "%s: every item must be bytes", what);
+        const char *item = c_string(PySequence_Fast_GET_ITEM(fast, i), what);
+        if (item == NULL) {
             PyMem_Free(vec);
             Py_DECREF(fast);
             return NULL;
         }
-        vec[i] = PyBytes_AS_STRING(item);
+        vec[i] = (char *)item;
     }
     *keep = fast;
     return vec;
 }
 
+/* `fd` itself, or a close-on-exec copy of it at 3 or above (*made = 1), so that putting the
+ * streams at 0, 1 and 2 in the child never overwrites one it still needs. */
+static int above_streams(int fd, int *made)
+{
+    *made = 0;
+    if (fd > 2)
+        return fd;
+    int copy = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (copy >= 0)
+        *made = 1;
+    return copy;
+}
+
+/* Close every descriptor from 3 on except `keep` (most are close-on-exec already). */
+static void close_others(int keep)
+{
+#ifdef SYS_close_range
+    int ok = 1;
+    if (keep > 3 && syscall(SYS_close_range, 3, keep - 1, 0) < 0)
+        ok = 0;
+    if (ok && syscall(SYS_close_range, keep + 1, ~0U, 0) == 0)
+        return;
+#endif
+    /* No close_range (a kernel before 5.9, or a seccomp filter): one close per descriptor. */
+    struct rlimit limit;
+    long top = 65536;
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY
+        && (long)limit.rlim_cur < top)
+        top = (long)limit.rlim_cur;
+    for (long fd = 3; fd < top; fd++)
+        if (fd != keep)
+            close((int)fd);
+}
+
 /* In the new process: only async-signal-safe calls, and nothing but _exit after a failure. */
-static void child(const char *path, char *const argv[], char *const envp[], const char *cwd,
+static void __attribute__((noreturn)) child(const char *path, char *const argv[], char *const envp[], const char *cwd,
                   int in_fd, int out_fd, int err_pipe, pid_t parent, const sigset_t *old_mask)
 {
     int step = STEP_SETUP;
@@ -86,16 +136,11 @@ static void child(const char *path, char *const argv[], char *const envp[], cons
     step = STEP_CHDIR;
     if (cwd != NULL && chdir(cwd) < 0)
         goto fail;
-    step = STEP_STREAMS;
+    step = STEP_STREAMS; /* both above 2 (above_streams): dup2 never sees equal descriptors */
     if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(out_fd, 2) < 0)
         goto fail;
-#ifdef SYS_close_range
-    /* Nothing else of the caller's leaks into the command (most are close-on-exec anyway);
-     * the error pipe is kept: close-on-exec, it tells the caller that the exec happened. */
-    if (err_pipe > 3)
-        syscall(SYS_close_range, 3, err_pipe - 1, 0);
-    syscall(SYS_close_range, err_pipe + 1, ~0U, 0);
-#endif
+    /* The error pipe stays: close-on-exec, its closing tells the caller the exec happened. */
+    close_others(err_pipe);
     sigprocmask(SIG_SETMASK, old_mask, NULL);
     step = STEP_EXEC;
     execve(path, argv, envp);
@@ -106,23 +151,91 @@ fail:;
     _exit(127);
 }
 
+/* Only this frame is shared with the child, which never returns into it (as in CPython's
+ * _posixsubprocess): nothing of the caller's is live across the vfork. */
+static pid_t __attribute__((noinline))
+fork_child(const char *path, char **argv, char **envp, const char *cwd, int in_fd, int out_fd,
+           int err_pipe, pid_t parent, const sigset_t *old_mask)
+{
+    pid_t pid = vfork();
+    if (pid == 0)
+        child(path, argv, envp, cwd, in_fd, out_fd, err_pipe, parent, old_mask);
+    return pid;
+}
+
+/* vfork, run `child`, and wait for its exec: the pid, or -1 with the failed step and errno. */
+static pid_t start(const char *path, char **argv, char **envp, const char *cwd, int in_fd,
+                   int out_fd, pid_t parent, int report[2])
+{
+    int err_pipe[2], made[3] = {0, 0, 0};
+    report[0] = STEP_SETUP;
+    if (pipe2(err_pipe, O_CLOEXEC) < 0) {
+        report[1] = errno;
+        return -1;
+    }
+    int in2 = above_streams(in_fd, &made[0]);
+    int out2 = above_streams(out_fd, &made[1]);
+    int err2 = above_streams(err_pipe[1], &made[2]);
+    pid_t pid = -1;
+    if (in2 < 0 || out2 < 0 || err2 < 0) {
+        report[1] = errno;
+        goto cleanup;
+    }
+    sigset_t all, old_mask;
+    sigfillset(&all);
+    /* Signals are blocked across vfork: no handler may run in the child while it borrows our
+     * memory; it restores the mask right before its exec. */
+    pthread_sigmask(SIG_SETMASK, &all, &old_mask);
+    pid = fork_child(path, argv, envp, cwd, in2, out2, err2, parent, &old_mask);
+    int saved = errno;
+    pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
+    if (pid < 0) {
+        report[1] = saved;
+        goto cleanup;
+    }
+    close(err_pipe[1]);
+    err_pipe[1] = -1;
+    if (made[2]) {
+        close(err2);
+        made[2] = 0;
+    }
+    ssize_t got;
+    do {
+        got = read(err_pipe[0], report, 2 * sizeof(int));
+    } while (got < 0 && errno == EINTR);
+    if (got > 0) { /* the exec did not happen: reap the child, report why */
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        pid = -1;
+    }
+cleanup:
+    if (made[0])
+        close(in2);
+    if (made[1])
+        close(out2);
+    if (made[2])
+        close(err2);
+    if (err_pipe[1] >= 0)
+        close(err_pipe[1]);
+    close(err_pipe[0]);
+    return pid;
+}
+
 static PyObject *spawn(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *path_obj, *argv_obj, *env_obj, *cwd_obj;
     int in_fd, out_fd;
     long parent;
-    if (!PyArg_ParseTuple(args, "SOOOiil", &path_obj, &argv_obj, &env_obj, &cwd_obj, &in_fd,
+    if (!PyArg_ParseTuple(args, "OOOOiil", &path_obj, &argv_obj, &env_obj, &cwd_obj, &in_fd,
                           &out_fd, &parent))
         return NULL;
+    const char *path = c_string(path_obj, "path");
+    if (path == NULL)
+        return NULL;
     const char *cwd = NULL;
-    if (cwd_obj != Py_None) {
-        if (!PyBytes_Check(cwd_obj)) {
-            PyErr_SetString(PyExc_TypeError, "cwd must be bytes or None");
-            return NULL;
-        }
-        cwd = PyBytes_AS_STRING(cwd_obj);
-    }
+    if (cwd_obj != Py_None && (cwd = c_string(cwd_obj, "cwd")) == NULL)
+        return NULL;
     PyObject *keep_argv = NULL, *keep_env = NULL;
     char **argv = to_vector(argv_obj, &keep_argv, "argv");
     if (argv == NULL)
@@ -133,64 +246,28 @@ static PyObject *spawn(PyObject *self, PyObject *args)
         Py_DECREF(keep_argv);
         return NULL;
     }
-    PyObject *result = NULL;
-    int err_pipe[2];
-    if (pipe2(err_pipe, O_CLOEXEC) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    sigset_t all, old_mask;
-    sigfillset(&all);
-    const char *path = PyBytes_AS_STRING(path_obj);
+    int report[2];
     pid_t pid;
-    int saved;
-    /* Signals are blocked across vfork: no handler may run in the child while it borrows our
-     * memory; it restores the mask right before its exec. Other threads may run meanwhile:
-     * the child touches nothing of Python's. */
+    /* Other threads may run meanwhile: the child touches nothing of Python's. */
     Py_BEGIN_ALLOW_THREADS
-    pthread_sigmask(SIG_SETMASK, &all, &old_mask);
-    pid = vfork();
-    if (pid == 0)
-        child(path, argv, envp, cwd, in_fd, out_fd, err_pipe[1], (pid_t)parent, &old_mask);
-    saved = errno;
-    pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
+    pid = start(path, argv, envp, cwd, in_fd, out_fd, (pid_t)parent, report);
     Py_END_ALLOW_THREADS
-    close(err_pipe[1]);
-    if (pid < 0) {
-        close(err_pipe[0]);
-        errno = saved;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    int report[2] = {0, 0};
-    ssize_t got;
-    Py_BEGIN_ALLOW_THREADS
-    do {
-        got = read(err_pipe[0], report, sizeof report);
-    } while (got < 0 && errno == EINTR);
-    Py_END_ALLOW_THREADS
-    close(err_pipe[0]);
-    if (got <= 0) { /* closed by a successful exec */
-        result = PyLong_FromLong((long)pid);
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
-        ;
-    Py_END_ALLOW_THREADS
-    if (report[0] == STEP_PARENT) {
-        PyErr_SetString(PyExc_ChildProcessError, "the spawning process changed");
-        goto done;
-    }
-    PyObject *filename = report[0] == STEP_CHDIR ? cwd_obj : path_obj;
-    errno = report[1];
-    PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, filename);
-done:
     PyMem_Free(argv);
     PyMem_Free(envp);
     Py_DECREF(keep_argv);
     Py_DECREF(keep_env);
-    return result;
+    if (pid >= 0)
+        return PyLong_FromLong((long)pid);
+    if (report[0] == STEP_PARENT) {
+        PyErr_SetString(PyExc_ChildProcessError, "the spawning process changed");
+        return NULL;
+    }
+    errno = report[1];
+    if (report[0] == STEP_CHDIR)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, cwd_obj);
+    if (report[0] == STEP_EXEC)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
+    return PyErr_SetFromErrno(PyExc_OSError);
 }
 
 static PyMethodDef methods[] = {
@@ -198,7 +275,9 @@ static PyMethodDef methods[] = {
      "spawn(path, argv, env, cwd, stdin_fd, stdout_fd, parent) -> pid\n\n"
      "Exec `path` in a new session whose parent-death signal is SIGKILL, with `stdin_fd` as\n"
      "its standard input and `stdout_fd` as its standard output and error. Arguments are\n"
-     "bytes. Raises OSError (filename: cwd or path) when the command could not start."},
+     "bytes (ValueError if one holds a NUL). Raises OSError when the command could not start\n"
+     "(filename: cwd when entering it failed, path when the exec failed), ChildProcessError\n"
+     "when `parent` is not the new process's parent."},
     {NULL, NULL, 0, NULL},
 };
 

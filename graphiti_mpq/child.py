@@ -200,7 +200,8 @@ def run_chunk(chunk: Chunk) -> int:
             began = time.monotonic()
             result = _run_marked(task, marks, partial(writer.spawned, index))
             if not writer.finish(index, time.monotonic() - began, result) and _events is not None:
-                _events.put(("result", chunk.chunk_id, task.job_id, result))  # too large
+                # Too large for the slot: by the event queue, with its command's group.
+                _events.put(("result", chunk.chunk_id, task.job_id, result, writer.pgid_of(index)))
     finally:
         marks.close()
     return started

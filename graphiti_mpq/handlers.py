@@ -200,15 +200,15 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds:g}"
 
 
-def _spawn_error(exc: OSError, program: str, cwd: str | None) -> AttemptResult:
-    if cwd is not None and exc.filename == cwd:
+def _spawn_error(exc: OSError | ValueError, program: str, cwd: str | None) -> AttemptResult:
+    if cwd is not None and getattr(exc, "filename", None) == cwd:
         # The directory vanished between our check and the spawn.
         return _failed(f"working directory does not exist: {cwd}")
     if isinstance(exc, FileNotFoundError):
         return _failed(f"program not found: {program}")
     if isinstance(exc, PermissionError):
         return _failed(f"program is not executable: {program}")
-    return _failed(f"cannot start {program}: {exc.strerror or exc}")
+    return _failed(f"cannot start {program}: {getattr(exc, 'strerror', None) or exc}")
 
 
 def _has_exited(pid: int) -> bool:
@@ -341,10 +341,12 @@ def run_replay(
     spawning = spawn_lock.acquire(timeout=5.0)
     try:
         proc = spawn.start(argv, executable, cwd, env)
-    except OSError as exc:
+    except BaseException as exc:
         if spawning:
             spawn_lock.release()
-        return _spawn_error(exc, program, cwd)
+        if isinstance(exc, OSError | ValueError):  # ValueError: a NUL byte in an argument
+            return _spawn_error(exc, program, cwd)
+        raise
     pgid = proc.pid  # a new session: the command leads its own group
     me = threading.get_ident()
     with _active_lock:

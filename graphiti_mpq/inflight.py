@@ -133,18 +133,20 @@ class InFlight:
             current.pid, current.started = pid, started_at
         spawn = slots.spawned(chunk.slot)
         if spawn is not None:
-            self._learn_group(chunk.jobs[spawn[0]], spawn[1])
+            self.learn_group(chunk.jobs[spawn[0]], spawn[1])
         records, chunk.offset = slots.records(chunk.slot, chunk.offset, committed)
         outcomes = []
         for index, seconds, pgid, result in records:
             running = chunk.jobs[index]
             if pgid is not None:
-                self._learn_group(running, pgid)
+                self.learn_group(running, pgid)
             outcomes.append((running, seconds, result))
         return outcomes, new_child
 
-    def _learn_group(self, running: Running, pgid: int) -> None:
-        if running.pgid is None:
+    def learn_group(self, running: Running, pgid: int) -> None:
+        """The process group of the command ``running`` spawned, if its attempt is not settled
+        (a late word must not be recorded over a later attempt's row)."""
+        if running.pgid is None and self.running.get(running.job.id) is running:
             running.pgid = pgid
             self.spawned.append(running)
 

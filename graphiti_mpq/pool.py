@@ -31,10 +31,10 @@ _CLOSE_TICK = 0.1
 #: How long an ended child stays known (its last reports may still be on their way).
 _FORGET_AFTER = 2.0
 
-#: Events pushed to the serving loop: ("result", chunk_id, job_id, AttemptResult) from
-#: children (an outcome too large for the chunk's slot); ("chunk", chunk_id, jobs started)
-#: when a chunk returns, ("chunk_error", chunk_id, text) when it raised; ("wake",) and
-#: ("stop",) from elsewhere.
+#: Events pushed to the serving loop: ("result", chunk_id, job_id, AttemptResult, pgid or
+#: None) from children (an outcome too large for the chunk's slot); ("chunk", chunk_id,
+#: jobs started) when a chunk returns, ("chunk_error", chunk_id, text) when it raised;
+#: ("wake",) and ("stop",) from elsewhere.
 Event = tuple[Any, ...]
 
 

@@ -124,9 +124,10 @@ class Slots:
 
     def spawned(self, slot: int) -> tuple[int, int] | None:
         """(index of the job, process group) of the latest command a job of the chunk spawned."""
-        word = int(self.header[slot * _FIELDS + _SPAWNED])
-        if not word:
-            return None
+        index = slot * _FIELDS + _SPAWNED
+        word = int(self.header[index])
+        if not word or word != self.header[index]:
+            return None  # none yet, or being written (read again next time)
         return (word >> _PGID_BITS) - 1, word & ((1 << _PGID_BITS) - 1)
 
     def records(self, slot: int, offset: int, committed: int) -> tuple[list[Record], int]:
@@ -173,6 +174,11 @@ class SlotWriter:
         finally:
             slots.unlock(slot)
 
+    def pgid_of(self, index: int) -> int | None:
+        """The process group of the command job ``index`` spawned, if it spawned one."""
+        spawned = self._spawned
+        return spawned[1] if spawned is not None and spawned[0] == index else None
+
     def spawned(self, index: int, pgid: int) -> None:
         """Publish the process group of the command job ``index`` runs (one aligned 64-bit
         store: a reader sees the whole word or the one before). The job's outcome record
@@ -183,12 +189,11 @@ class SlotWriter:
     def finish(self, index: int, seconds: float, result: AttemptResult) -> bool:
         """Commit job ``index``'s outcome; False when it does not fit (the caller sends it)."""
         r = result
-        spawned = self._spawned
         body = pickle.dumps(
             (
                 index,
                 seconds,
-                spawned[1] if spawned is not None and spawned[0] == index else None,
+                self.pgid_of(index),
                 r.outcome.value,
                 r.error,
                 r.exit_code,

@@ -12,7 +12,8 @@ Three ways, fastest first:
 
 Each starts the command in a new session (its own process group), stdin from /dev/null,
 stdout and stderr into one pipe, and raises OSError when it cannot start (``filename`` names the
-working directory when that is what failed).
+working directory when that is what failed), ValueError for an argument it cannot pass (a NUL
+byte, an ``=`` in an environment variable's name).
 """
 
 from __future__ import annotations
@@ -96,25 +97,29 @@ def _start_compiled(
     argv: list[str], target: str, cwd: str | None, env: Mapping[str, str]
 ) -> Command:
     assert _spawn is not None
+    # Encoded (and refused: ValueError, UnicodeEncodeError) before any descriptor is opened.
+    if any("=" in key for key in env):
+        raise ValueError("illegal environment variable name")
+    args = (
+        os.fsencode(target),
+        [os.fsencode(arg) for arg in argv],
+        [os.fsencode(f"{key}={value}") for key, value in env.items()],
+        None if cwd is None else os.fsencode(cwd),
+    )
     read_end, write_end = os.pipe()  # both close-on-exec: the C side dup2s the write end
-    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        pid = _spawn.spawn(
-            os.fsencode(target),
-            [os.fsencode(arg) for arg in argv],
-            [os.fsencode(f"{key}={value}") for key, value in env.items()],
-            None if cwd is None else os.fsencode(cwd),
-            devnull,
-            write_end,
-            os.getpid(),
-        )
-    except OSError as exc:
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = _spawn.spawn(*args, devnull, write_end, os.getpid())
+        finally:
+            os.close(devnull)
+    except BaseException as exc:
         os.close(read_end)
-        filename = os.fsdecode(exc.filename) if exc.filename is not None else None
-        raise type(exc)(exc.errno, exc.strerror, filename) from None
+        if isinstance(exc, OSError) and isinstance(exc.filename, bytes):
+            raise type(exc)(exc.errno, exc.strerror, os.fsdecode(exc.filename)) from None
+        raise
     finally:
         os.close(write_end)
-        os.close(devnull)
     return _Started(pid, os.fdopen(read_end, "rb", buffering=0))
 
 

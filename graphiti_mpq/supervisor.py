@@ -361,6 +361,8 @@ class Supervisor:
         if running is None or running.chunk.chunk_id != event[1]:
             return  # a late report of an attempt already settled (timed out, crashed)
         if kind == "result":
+            if event[4] is not None:
+                self._inflight.learn_group(running, event[4])
             self._settle(running, event[3])
 
     def _read_slots(self) -> None:

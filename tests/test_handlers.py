@@ -388,6 +388,17 @@ def test_on_spawn_failure_kills_the_command(fake: Fake) -> None:
     assert handlers.current_process_group() is None
 
 
+def test_an_argument_with_a_nul_byte_fails_the_attempt_and_frees_the_spawn(fake: Fake) -> None:
+    """Passed on, a NUL would cut the argument short: the attempt fails with the reason, and
+    the next replay spawns at once (the spawn lock was let go)."""
+    result = fake.run({"command": "ok", "args": ["a\x00b"]})
+    assert result.outcome is Outcome.FAILED
+    assert result.error is not None and "null byte" in result.error
+    assert not fake.record_path.exists()
+    assert not handlers.spawn_lock.locked()
+    assert fake.run({"command": "ok"}).outcome is Outcome.SUCCEEDED
+
+
 # --- Python handlers, registry and dispatch --------------------------------------------------
 
 

@@ -138,10 +138,57 @@ def test_the_compiled_spawn_refuses_bad_arguments() -> None:
     assert caught.value.errno == errno.EBADF
 
 
-def test_the_command_gets_sigpipe_back_and_none_of_our_handlers(way: str) -> None:
-    """Python ignores SIGPIPE; a command must not inherit that (``yes | head`` would spin)."""
-    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
-    code, output, _ = _run(["sh", "-c", "grep -E '^Sig(Ign|Cgt):' /proc/$$/status"])
+def test_the_command_gets_sigpipe_and_sigxfsz_back(way: str) -> None:
+    """Python ignores SIGPIPE (and SIGXFSZ); a command must not inherit that: ``yes | head``
+    would spin, a file over its size limit would fail without the signal."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
+        code, output, _ = _run(["sh", "-c", "grep -E '^SigIgn:' /proc/$$/status"])
+    finally:
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     assert code == 0
-    masks = dict(line.split(":\t") for line in output.decode().splitlines())
-    assert not int(masks["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1))
+    ignored = int(output.decode().split(":")[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+    assert not ignored & (1 << (signal.SIGXFSZ - 1))
+
+
+def test_arguments_it_cannot_pass_are_refused(way: str, tmp_path: Path) -> None:
+    """A NUL byte would cut an argument short (another command than the one recorded)."""
+    env = dict(os.environ)
+    ran = tmp_path / "ran"
+    with pytest.raises(ValueError):
+        spawn.start(["touch", f"{ran}\x00x"], None, None, env)
+    with pytest.raises(ValueError):
+        spawn.start(["touch", str(ran)], None, None, {**env, "A=B": "1"})
+    with pytest.raises(ValueError):
+        spawn.start(["touch", str(ran)], None, None, {**env, "X": "a\x00b"})
+    assert not ran.exists()
+
+
+def test_an_exec_that_fails_is_an_oserror_naming_the_program(tmp_path: Path) -> None:
+    """Found and executable, but its interpreter is missing: the exec itself fails."""
+    _skip_unless_built()
+    script = tmp_path / "orphan-script"
+    script.write_text("#!/no/such/interpreter\n")
+    script.chmod(0o755)
+    with pytest.raises(FileNotFoundError) as caught:
+        spawn.start([str(script)], None, None, dict(os.environ))
+    assert caught.value.filename == str(script)
+
+
+def test_the_streams_reach_the_command_when_ours_are_closed(way: str, tmp_path: Path) -> None:
+    """With stdout and stderr closed, the output pipe gets descriptors 1 and 2: they must still
+    end up as the command's standard streams."""
+    result = tmp_path / "result"
+    script = (
+        "import os, sys; from graphiti_mpq import spawn; "
+        f"spawn.use_compiled = {way == 'compiled'}; "
+        "os.close(1); os.close(2); "
+        "p = spawn.start(['sh', '-c', 'echo out; echo err >&2'], None, None, dict(os.environ)); "
+        "data = p.stdout.read(); code = p.wait(); "
+        f"open({str(result)!r}, 'w').write(repr((code, data)))"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=30)
+    assert result.read_text() == repr((0, b"out\nerr\n"))
