@@ -157,7 +157,7 @@ def enqueue_at_once(procs: Processes, tmp_path: Path, count: int, env: dict[str,
         if i % 2:
             assert out == "", out  # --async in a hook context prints nothing at all
         else:
-            assert re.fullmatch(r"[0-9a-f]{16}\n", out), out
+            assert re.fullmatch(r"[0-9a-f]{28}\n", out), out
 
 
 def states(db: str) -> list[str]:
@@ -283,7 +283,7 @@ def test_a_failing_autostart_does_not_fail_the_enqueue(
     monkeypatch.setenv("GRAPHITI_QUEUE_AUTOSTART", "1")
     job_id = quick.enqueue_one("add", {"command": "add", "args": ["x"]})
     assert states(queue_path) == ["pending"]
-    assert len(job_id) == 16
+    assert len(job_id) == 28
 
 
 def test_autostart_after_a_spool_at_open_still_starts_one(

@@ -159,7 +159,7 @@ def sh(text: str) -> list[str]:
     return shlex.split(text)
 
 
-JOB_ID = re.compile(r"[0-9a-f]{16}\n")
+JOB_ID = re.compile(r"[0-9a-f]{28}\n")
 
 # (case id, arguments, handled by the fast path)
 SUCCESS: list[tuple[str, list[str], bool]] = [

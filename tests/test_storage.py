@@ -436,7 +436,7 @@ def test_a_database_locked_by_another_process_raises_busy_quickly(
         started = time.monotonic()
         spooled = q.enqueue("t3", {})
         assert time.monotonic() - started < 1.0
-        assert len(spooled) == 16 and q.ingest_spool() == 0  # still locked
+        assert len(spooled) == 28 and q.ingest_spool() == 0  # still locked
     finally:
         if holder.stdin is not None:
             holder.stdin.close()
@@ -508,3 +508,20 @@ def test_a_claim_that_waited_for_the_lock_is_stamped_after_it_got_it(
     assert ids(jobs) == [job_id]
     assert jobs[0].started_at is not None and jobs[0].started_at >= released
     assert q.get_attempts(job_id)[0].started_at == jobs[0].started_at
+
+
+def test_job_ids_are_unique_and_ordered_by_when_they_were_made() -> None:
+    """Time first, so that the id index grows at its end (see ``new_job_id``); random after,
+    so that ids made in the same millisecond, by any process, still differ."""
+    from graphiti_mpq.storage.insert import new_job_id
+
+    many = [new_job_id() for _ in range(20_000)]
+    assert len(set(many)) == len(many)
+    assert all(len(job_id) == 28 and int(job_id, 16) >= 0 for job_id in many)
+    ticks = []
+    for _ in range(6):
+        ticks.append(new_job_id())
+        made = int(ticks[-1][:12], 16)
+        wait_until(lambda m=made: time.time_ns() // 1_000_000 > m, 1.0, 0.0005, "the next ms")
+    assert ticks == sorted(ticks)
+    assert abs(int(ticks[0][:12], 16) / 1000 - time.time()) < 5

@@ -36,8 +36,15 @@ INSERT_SQL = (
 
 
 def new_job_id() -> str:
-    """64 random bits as hex: unique in practice, and the column is UNIQUE anyway."""
-    return os.urandom(8).hex()
+    """Time-ordered: milliseconds since the epoch (48 bits), then 64 random bits; 28 hex digits.
+
+    Ids of jobs enqueued one after another sit side by side in the id index, so an insert
+    lands on its last page and the lookups that record outcomes (of the oldest jobs, claimed
+    first) stay on a few pages, however big the table: with random ids, claims on a queue of a
+    million jobs grew twice as slow as the enqueues and lookups spread over the whole index.
+    The random half keeps ids unique across processes and clocks (the column is UNIQUE).
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"
 
 
 def prepare_row(

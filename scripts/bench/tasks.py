@@ -595,7 +595,7 @@ def build_db(db: str, pending: int, succeeded: int = 0) -> dict[str, Any]:
         sql = insert.INSERT_SQL.replace("'pending'", f"'{state}'")
         for start in range(0, total, block):
             rows = [
-                (os.urandom(8).hex(), "bench.noop", '{"i":0}', 1, 0, None, None, None, now, now)
+                (insert.new_job_id(), "bench.noop", '{"i":0}', 1, 0, None, None, None, now, now)
                 for _ in range(min(block, total - start))
             ]
             conn.execute("BEGIN IMMEDIATE")
