@@ -252,6 +252,15 @@ def test_a_version_1_database_is_upgraded_in_place(
         for (table,) in sql(queue_path, tables)
     }
     assert after == before  # the data is intact
+    listed = {state: [j.id for j in q.list_jobs(state)] for state in schema.COUNT_KEYS[:6]}
+    assert listed == {
+        "pending": ["c1", "r1", "p2", "p1"],  # newest first, the claimed one included
+        "claimed": ["c1"],
+        "running": ["u1"],
+        "succeeded": ["s2", "s1"],
+        "dead": ["d1"],
+        "cancelled": ["x1"],
+    }
     stats = q.get_stats()
     assert (stats.pending, stats.retrying, stats.running) == (4, 1, 1)
     assert (stats.succeeded, stats.cancelled, stats.dead_letter) == (2, 1, 1)
