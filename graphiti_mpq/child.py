@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -120,6 +121,24 @@ def _watch_supervisor(pid: int, start: int | None) -> None:
         _die(1)
 
 
+class _SilentOnceOrphaned:
+    """This child's ``sys.stderr``: what it would write once its supervisor is gone goes
+    nowhere, instead of into the log of a supervisor that crashed (the traceback of a result
+    it can no longer send, say). Only Python-level writes: a command's own output is its own.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if _supervisor_gone():
+            return len(text)
+        return int(self._stream.write(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def init_child(
     events: Any,
     imports: tuple[str, ...],
@@ -160,6 +179,8 @@ def init_child(
             ).start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if sys.stderr is not None:
+            sys.stderr = _SilentOnceOrphaned(sys.stderr)
     try:
         handlers.import_handler_modules(imports)
     except Exception as exc:  # every task of this child fails with it, instead of a respawn loop

@@ -180,3 +180,18 @@ def tally(payload: dict[str, Any]) -> Any:
 def big(payload: dict[str, Any]) -> Any:
     """A result of payload["size"] characters: too large for a chunk's shared-memory slot."""
     return "x" * int(payload["size"])
+
+
+@graphiti_mpq.handler("chatter")
+def chatter(payload: dict[str, Any]) -> Any:
+    """Writes to stderr without pause, saying each time whether its supervisor has ended (as
+    the kernel tells it: its pidfd is readable once the whole process is gone)."""
+    import select
+
+    supervisor = serving_ancestor()
+    ended = os.pidfd_open(supervisor)
+    _write(payload["pidfile"], f"{os.getpid()} {supervisor}")
+    while True:
+        state = "gone" if select.select([ended], [], [], 0)[0] else "alive"
+        sys.stderr.write(f"chatter: supervisor {state}\n")
+        sys.stderr.flush()

@@ -235,3 +235,23 @@ def test_a_job_of_another_host_is_recovered_when_its_lease_expires(
     # Not before the lease (2 s, renewed by heartbeats) ran out.
     assert lost.started_at is not None and lost.finished_at >= lost.started_at + 2.0
     q.close()
+
+
+def test_a_child_writes_nothing_to_the_log_once_its_supervisor_is_gone(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """A killed supervisor's log ends with what it wrote: its orphaned children, until they
+    die, add nothing (no traceback of a result they can no longer send)."""
+    q = open_db(queue_path)
+    pidfile = tmp_path / "chatter.pid"
+    q.enqueue("chatter", {"pidfile": str(pidfile)}, parallel=True)
+    sup = start(servers, tmp_path, queue_path, "supervise", "--workers", "1", "--import", FIXTURE)
+    child, _ = read_pids(pidfile)
+    wait_until(lambda: "chatter: supervisor alive" in sup.log(), 10.0, what="the chatter")
+    sup.signal(signal.SIGKILL)
+    assert sup.wait() == -signal.SIGKILL
+    wait_gone([child], what="the orphaned child")
+    text = sup.log_path.read_text(errors="replace")
+    assert "chatter: supervisor alive" in text
+    assert "chatter: supervisor gone" not in text
+    q.close()
