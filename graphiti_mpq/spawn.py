@@ -82,15 +82,21 @@ def resolve_program(program: str, env: Mapping[str, str]) -> str:
     """The path to exec for ``program``; FileNotFoundError or PermissionError if none."""
     import shutil
 
-    if os.sep in program:
-        path: str | None = program
-    else:
-        path = shutil.which(program, mode=os.F_OK, path=env.get("PATH", os.defpath))
-    if path is None or not os.path.exists(path):
+    if os.sep not in program:
+        # The first executable one on the PATH, as execvp would take: a non-executable file of
+        # the same name earlier on the PATH does not hide it.
+        search = env.get("PATH", os.defpath)
+        found = shutil.which(program, path=search)
+        if found is not None:
+            return found
+        if shutil.which(program, mode=os.F_OK, path=search) is not None:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
+    if not os.path.exists(program):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
-    return path
+    return program
 
 
 def _start_compiled(

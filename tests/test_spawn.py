@@ -192,3 +192,22 @@ def test_the_streams_reach_the_command_when_ours_are_closed(way: str, tmp_path: 
     env = dict(os.environ, PYTHONPATH=ROOT)
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=30)
     assert result.read_text() == repr((0, b"out\nerr\n"))
+
+
+def test_the_first_executable_program_on_the_path_runs(way: str, tmp_path: Path) -> None:
+    """As execvp does: a file of the same name that cannot be executed, earlier on the PATH,
+    does not hide the program; if no file of that name can be executed, it is refused."""
+    early, late = tmp_path / "early", tmp_path / "late"
+    for folder, mode in ((early, 0o644), (late, 0o755)):
+        folder.mkdir()
+        script = folder / "tool"
+        script.write_text(f"#!/bin/sh\necho {folder.name}\n")
+        script.chmod(mode)
+    env = {**os.environ, "PATH": f"{early}:{late}:{os.environ.get('PATH', os.defpath)}"}
+    proc = spawn.start(["tool"], None, None, env)
+    assert proc.stdout is not None
+    assert proc.stdout.read() == b"late\n"
+    proc.stdout.close()
+    assert proc.wait() == 0
+    with pytest.raises(PermissionError):
+        spawn.start(["tool"], None, None, {**env, "PATH": str(early)})
