@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
@@ -124,16 +124,34 @@ def _watch_supervisor(pid: int, start: int | None) -> None:
 class _SilentOnceOrphaned:
     """This child's ``sys.stderr``: what it would write once its supervisor is gone goes
     nowhere, instead of into the log of a supervisor that crashed (the traceback of a result
-    it can no longer send, say). Only Python-level writes: a command's own output is its own.
+    it can no longer send, say). Only Python-level writes through ``sys.stderr``: a command's
+    own output, or a stream a handler took before this child started, are their own.
     """
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self._gone = False
+        self._next_look = 0.0  # without a pidfd, the supervisor is looked up at most so often
+
+    def _orphaned(self) -> bool:
+        if not self._gone and _supervisor is not None:
+            if _supervisor[2] is not None or time.monotonic() >= self._next_look:
+                self._next_look = time.monotonic() + _WATCH_POLL / 10
+                try:
+                    self._gone = _supervisor_gone()
+                except (OSError, ValueError):  # our pidfd closed under us: keep writing
+                    pass
+        return self._gone
 
     def write(self, text: str) -> int:
-        if _supervisor_gone():
+        if self._orphaned():
             return len(text)
-        return int(self._stream.write(text))
+        written = self._stream.write(text)
+        return len(text) if written is None else int(written)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -445,8 +445,8 @@ def show(state: CliState, job_id: str, as_json: bool) -> None:
 
     \b
     Example:
-        graphiti_mpq show 3f2a9c0d1e4b5a69
-        graphiti_mpq show 3f2a9c0d1e4b5a69 --json | jq .waiting_for
+        graphiti_mpq show 019ae8c4f1d23f2a9c0d1e4b5a69
+        graphiti_mpq show 019ae8c4f1d23f2a9c0d1e4b5a69 --json | jq .waiting_for
     """
     queue = open_queue_for(state)
     job = queue.get_job(job_id)
@@ -473,7 +473,7 @@ def cancel(state: CliState, job_id: str) -> None:
 
     \b
     Example:
-        graphiti_mpq cancel 3f2a9c0d1e4b5a69
+        graphiti_mpq cancel 019ae8c4f1d23f2a9c0d1e4b5a69
     """
     job = open_queue_for(state).cancel(job_id)
     click.echo(f"cancelled {job.id}")
@@ -533,7 +533,7 @@ def dead_letter_retry(state: CliState, job_ids: tuple[str, ...], retry_all: bool
 
     \b
     Example:
-        graphiti_mpq dead-letter retry 3f2a9c0d1e4b5a69 0b1c2d3e4f5a6978
+        graphiti_mpq dead-letter retry 019ae8c4f1d23f2a9c0d1e4b5a69 019ae8c4f2070b1c2d3e4f5a6978
         graphiti_mpq dead-letter retry --all
     """
     if bool(job_ids) == retry_all:

@@ -191,7 +191,10 @@ def chatter(payload: dict[str, Any]) -> Any:
     supervisor = serving_ancestor()
     ended = os.pidfd_open(supervisor)
     _write(payload["pidfile"], f"{os.getpid()} {supervisor}")
-    while True:
+    gone_at = None
+    while gone_at is None or time.monotonic() - gone_at < 2.0:  # should be killed long before
         state = "gone" if select.select([ended], [], [], 0)[0] else "alive"
+        if state == "gone" and gone_at is None:
+            gone_at = time.monotonic()
         sys.stderr.write(f"chatter: supervisor {state}\n")
         sys.stderr.flush()
