@@ -93,6 +93,9 @@ class InFlight:
         self.marks_dir = marks_dir
         #: Mark files of closed chunks, to remove once their outcomes are committed.
         self.closed_marks: list[str] = []
+        #: Job id -> mark file of a closed chunk kept for that job, whose outcome is still on
+        #: its way (as an event): without its mark, a crash now would hand it back uncounted.
+        self._held_marks: dict[str, str] = {}
         #: Jobs whose command's process group was learnt since the last look, to record.
         self.spawned: list[Running] = []
 
@@ -172,11 +175,25 @@ class InFlight:
             slots.unlock(chunk.slot)
         return tail
 
-    def close(self, chunk: InFlightChunk) -> None:
-        """Its child no longer writes to its slot (the task returned, or the child is dead)."""
+    def close(self, chunk: InFlightChunk, awaited: list[Running] | None = None) -> None:
+        """Its child no longer writes to its slot (the task returned, or the child is dead).
+
+        ``awaited``: its jobs whose outcomes are still to come; its mark file stays until they
+        are settled (``settled``)."""
         if self.chunks.pop(chunk.chunk_id, None) is not None:
             self._free.append(chunk.slot)
-            self._forget_marks(chunk)
+            path = self._marks_file(chunk)
+            if path is not None and awaited:
+                self._held_marks.update((running.job.id, path) for running in awaited)
+            else:
+                self._forget_marks(chunk)
+
+    def settled(self, running: Running) -> None:
+        """``running``'s outcome is about to be recorded: a mark file held for it goes once no
+        other awaited job needs it."""
+        path = self._held_marks.pop(running.job.id, None)
+        if path is not None and path not in self._held_marks.values():
+            self.closed_marks.append(path)
 
     def reset(self) -> None:
         """After the pool was replaced: every slot is free (settle the jobs first)."""

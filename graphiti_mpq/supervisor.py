@@ -385,6 +385,7 @@ class Supervisor:
         """The pool task ended: jobs it did not start (a stop began) go back untouched."""
         assert self._inflight is not None
         self._read_chunk(chunk)
+        awaited: list[Running] = []
         for running in self._inflight.pending_in(chunk):
             if started is None:  # the task raised instead of returning: nothing to retry on
                 self._settle(running, AttemptResult(Outcome.FAILED, error=error))
@@ -398,11 +399,14 @@ class Supervisor:
             else:  # its outcome did not fit the slot and is on its way as a "result" event
                 running.awaited_since = time.monotonic()
                 self._awaited.append(running)
-        self._inflight.close(chunk)
+                awaited.append(running)
+        self._inflight.close(chunk, awaited)
 
     def _settle(self, running: Running, result: AttemptResult) -> None:
         self._running.pop(running.job.id, None)
         self._results.append((running, result))
+        if running.awaited_since is not None and self._inflight is not None:
+            self._inflight.settled(running)
 
     def _check_children(self) -> None:
         assert self._pool is not None and self._inflight is not None

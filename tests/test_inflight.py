@@ -81,3 +81,31 @@ def test_a_group_reported_after_its_attempt_was_settled_is_not_recorded(
     inflight.read(chunk)
     assert inflight.spawned == []
     assert chunk.jobs[0].pgid is None
+
+
+def test_a_chunks_start_marks_stay_until_its_awaited_outcomes_are_settled(tmp_path: Path) -> None:
+    """A closed chunk's mark file is let go with its outcomes; but while an outcome too large
+    for the slot is still on its way, a crash would hand that job back without counting its
+    attempt: the file stays until the last such job is settled."""
+    jobs = _jobs(tmp_path, 3)
+    slots = Slots(multiprocessing.get_context("fork"), 2)
+    try:
+        inflight = InFlight(slots, marks_dir=str(tmp_path / "marks"))
+        _, done_slot = _chunk(inflight, jobs[:1])
+        chunk_id, _ = _chunk(inflight, jobs[1:])
+        done = next(c for c in inflight.chunks.values() if c.slot == done_slot)
+        inflight.close(done)
+        assert len(inflight.closed_marks) == 1  # nothing awaited: let go at once
+        chunk = inflight.chunks[chunk_id]
+        first, second = chunk.jobs
+        inflight.close(chunk, [first, second])
+        assert len(inflight.closed_marks) == 1
+        inflight.settled(first)
+        assert len(inflight.closed_marks) == 1  # the second still needs it
+        inflight.settled(second)
+        assert len(inflight.closed_marks) == 2
+        assert inflight.closed_marks[1] != inflight.closed_marks[0]
+        inflight.settled(second)  # settled twice (a late event): nothing more
+        assert len(inflight.closed_marks) == 2
+    finally:
+        slots.close()
