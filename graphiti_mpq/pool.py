@@ -286,13 +286,21 @@ def _ended(process: Any) -> bool:
 
 
 def _release(lock: Any) -> None:
-    """Release a multiprocessing lock held by a dead process (no-op when it is free)."""
+    """Release a multiprocessing lock held by a dead process; when it is free already, take
+    and give it back once, to wake a thread still asleep on it.
+
+    A waiter SIGKILLed while asleep on the semaphore can swallow the one wake-up a release
+    sends (glibc wakes a single sleeper, and the dead one never takes its turn): the lock is
+    free, yet ``Pool.terminate`` slept on for good (the soak, after both idle children were
+    killed just before a stop). Giving it back again wakes the next sleeper.
+    """
     if lock is None:
         return
     try:
         lock.release()
-    except (ValueError, AssertionError):
-        pass  # not held: "released too many times"
+    except (ValueError, AssertionError):  # not held: "released too many times"
+        if lock.acquire(False):
+            lock.release()
 
 
 def _unwedge(lock: Any) -> None:

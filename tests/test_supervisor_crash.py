@@ -236,6 +236,24 @@ def test_children_killed_while_idle_do_not_wedge_the_pool(
     q.close()
 
 
+def test_a_supervisor_whose_idle_children_were_killed_still_stops_on_sigterm(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """Found by the soak: both idle children SIGKILLed, then SIGTERM before the loop had
+    replaced the pool. ``Pool.terminate`` then waited for ever on the task queue's lock; the
+    stop must end anyway, with exit status 0."""
+    sup = start(servers, tmp_path, queue_path, "supervise", "--workers", "2", "--import", FIXTURE)
+    children = wait_until(
+        lambda: len(_pool_children(sup)) == 2 and _pool_children(sup), 20.0, what="two children"
+    )
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    wait_gone(children)
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(20.0) == 0, sup.log()
+    sup.wait_event("supervisor_stopped")
+
+
 def test_a_replayed_commands_group_is_recorded_and_dies_with_its_killed_child(
     tmp_path: Path, queue_path: str, servers: list[Serving]
 ) -> None:
