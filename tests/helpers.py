@@ -51,3 +51,48 @@ def run_child(script: str, *args: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def assert_dies_with_its_spawner(start: str, prelude: str = "") -> None:
+    """A middle process runs ``prelude`` then ``p = <start>`` (a long ``sleep``), reports the
+    sleep's pid and is SIGKILLed: the kernel must kill the sleep with it (a parent-death signal
+    armed in the sleep itself)."""
+    import signal
+
+    from graphiti_mpq import procinfo
+
+    script = "\n".join(
+        [
+            "import os, subprocess, sys, time",
+            "from graphiti_mpq import procinfo, spawn",
+            prelude,
+            f"p = {start}",
+            "print(p.pid, flush=True)",
+            "time.sleep(30)",
+        ]
+    )
+    argv = [sys.executable, "-c", script]
+    middle = subprocess.Popen(argv, stdout=subprocess.PIPE, env=child_env())
+    assert middle.stdout is not None
+    with middle.stdout:
+        line = middle.stdout.readline()
+    if not line:
+        middle.kill()
+        middle.wait()
+        raise AssertionError("the middle process did not start its command")
+    sleeper = int(line)
+    try:
+        # Through an exec wrapper, the pid is the sleep's once the wrapper has done its part.
+        wait_until(
+            lambda: Path(f"/proc/{sleeper}/comm").read_text().strip() == "sleep",
+            10.0,
+            what="the sleep to be exec'd",
+        )
+        middle.kill()
+        middle.wait()
+        wait_until(lambda: not procinfo.is_alive(sleeper), 10.0, what="the sleep to die")
+    finally:
+        middle.kill()
+        middle.wait()
+        if procinfo.is_alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)

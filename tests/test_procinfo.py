@@ -15,6 +15,8 @@ import pytest
 
 from graphiti_mpq import procinfo
 
+from .helpers import assert_dies_with_its_spawner
+
 pytestmark = pytest.mark.timeout(30)
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -124,33 +126,8 @@ def test_parent_death_signal() -> None:
     assert subprocess.run([sys.executable, "-c", script], env=env).returncode == 0
 
 
-def _assert_sleep_dies_with_the_process_that_started_it(popen: str) -> None:
-    """A middle process runs ``p = <popen>`` (a long sleep), reports its pid and is SIGKILLed:
-    the sleep must die with it."""
-    script = (
-        "import subprocess, sys, time; from graphiti_mpq import procinfo; "
-        f"p = {popen}; print(p.pid, flush=True); time.sleep(30)"
-    )
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    middle = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
-    assert middle.stdout is not None
-    sleeper = int(middle.stdout.readline())
-    middle.stdout.close()
-    try:
-        # An exec wrapper execs in place: the pid is the sleep's once it has done its part.
-        assert _wait_until(lambda: Path(f"/proc/{sleeper}/comm").read_text().strip() == "sleep")
-        middle.kill()
-        middle.wait()
-        assert _wait_until(lambda: not procinfo.is_alive(sleeper))
-    finally:
-        middle.kill()
-        middle.wait()
-        if procinfo.is_alive(sleeper):
-            os.kill(sleeper, signal.SIGKILL)
-
-
 def test_parent_death_preexec_kills_child_when_parent_dies() -> None:
-    _assert_sleep_dies_with_the_process_that_started_it(
+    assert_dies_with_its_spawner(
         "subprocess.Popen(['sleep', '30'], preexec_fn=procinfo.parent_death_preexec())"
     )
 
@@ -164,7 +141,7 @@ def _wrapper_or_skip() -> list[str]:
 
 def test_parent_death_wrapper_kills_command_when_parent_dies() -> None:
     _wrapper_or_skip()
-    _assert_sleep_dies_with_the_process_that_started_it(
+    assert_dies_with_its_spawner(
         "subprocess.Popen([*procinfo.parent_death_wrapper(), 'sleep', '30'])"
     )
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from graphiti_mpq import procinfo, spawn
+from graphiti_mpq import spawn
 
-from .helpers import wait_until
+from .helpers import assert_dies_with_its_spawner
 
 ROOT = str(Path(__file__).resolve().parents[1])
 WAYS = ["compiled", "wrappers"]
@@ -82,31 +82,10 @@ def test_failures_to_start_name_what_was_missing(way: str, tmp_path: Path) -> No
 
 def test_the_command_dies_with_the_process_that_started_it(way: str) -> None:
     """A middle process starts a long sleep and is SIGKILLed: the kernel kills the sleep."""
-    script = (
-        "import os, sys, time; from graphiti_mpq import spawn; "
-        f"spawn.use_compiled = {way == 'compiled'}; "
-        "p = spawn.start(['sleep', '30'], None, None, dict(os.environ)); "
-        "print(p.pid, flush=True); time.sleep(30)"
+    assert_dies_with_its_spawner(
+        "spawn.start(['sleep', '30'], None, None, dict(os.environ))",
+        prelude=f"spawn.use_compiled = {way == 'compiled'}",
     )
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    middle = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
-    assert middle.stdout is not None
-    sleeper = int(middle.stdout.readline())
-    middle.stdout.close()
-    try:
-        wait_until(
-            lambda: Path(f"/proc/{sleeper}/comm").read_text().strip() == "sleep",
-            10.0,
-            what="the sleep to be exec'd",
-        )
-        middle.kill()
-        middle.wait()
-        wait_until(lambda: not procinfo.is_alive(sleeper), 10.0, what="the sleep to die")
-    finally:
-        middle.kill()
-        middle.wait()
-        if procinfo.is_alive(sleeper):
-            os.kill(sleeper, signal.SIGKILL)
 
 
 def test_the_compiled_spawn_never_runs_a_command_whose_spawner_is_gone(tmp_path: Path) -> None:

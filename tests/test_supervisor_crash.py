@@ -210,18 +210,22 @@ def _pool_children(sup: Serving) -> list[int]:
     return [pid for pid in tree if _ppid(pid) in servers]
 
 
-def test_children_killed_while_idle_do_not_wedge_the_pool(
-    tmp_path: Path, queue_path: str, servers: list[Serving]
-) -> None:
-    """An idle child may die holding the pool's task lock: the pool is replaced at once."""
-    q = open_db(queue_path)
-    sup = start(servers, tmp_path, queue_path, "supervise", "--workers", "2", "--import", FIXTURE)
+def _kill_both_idle_children(sup: Serving) -> None:
     children = wait_until(
         lambda: len(_pool_children(sup)) == 2 and _pool_children(sup), 20.0, what="two children"
     )
     for pid in children:
         os.kill(pid, signal.SIGKILL)
     wait_gone(children)
+
+
+def test_children_killed_while_idle_do_not_wedge_the_pool(
+    tmp_path: Path, queue_path: str, servers: list[Serving]
+) -> None:
+    """An idle child may die holding the pool's task lock: the pool is replaced at once."""
+    q = open_db(queue_path)
+    sup = start(servers, tmp_path, queue_path, "supervise", "--workers", "2", "--import", FIXTURE)
+    _kill_both_idle_children(sup)
     enqueued = time.time()
     job = q.enqueue("noop", {"value": "after"}, parallel=True)
     wait_state(q, job, "succeeded")
@@ -243,12 +247,7 @@ def test_a_supervisor_whose_idle_children_were_killed_still_stops_on_sigterm(
     replaced the pool. ``Pool.terminate`` then waited for ever on the task queue's lock; the
     stop must end anyway, with exit status 0."""
     sup = start(servers, tmp_path, queue_path, "supervise", "--workers", "2", "--import", FIXTURE)
-    children = wait_until(
-        lambda: len(_pool_children(sup)) == 2 and _pool_children(sup), 20.0, what="two children"
-    )
-    for pid in children:
-        os.kill(pid, signal.SIGKILL)
-    wait_gone(children)
+    _kill_both_idle_children(sup)
     sup.signal(signal.SIGTERM)
     assert sup.wait(20.0) == 0, sup.log()
     sup.wait_event("supervisor_stopped")
