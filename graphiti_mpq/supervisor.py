@@ -678,7 +678,8 @@ class Supervisor:
         if self._running or self._seq_waiting is not None or self._results:
             return False
         if self.mode == "drain":
-            if self.queue.count_eligible() > 0:
+            due = self.queue.next_run_at()
+            if due is not None and due <= time.time():
                 return False  # held back by the barrier of another process: wait for it
             return not (self.wait_retries and self.queue.next_run_at(retries_only=True))
         return self.idle_exit is not None and now - self._last_activity > self.idle_exit

@@ -28,7 +28,7 @@ from graphiti_mpq.errors import (
     DatabaseError,
     SchemaTooNewError,
 )
-from graphiti_mpq.models import QueuedJob
+from graphiti_mpq.models import AttemptResult, Outcome, QueuedJob
 from graphiti_mpq.storage import schema, sqlite_conn
 from graphiti_mpq.storage.sqlite import JobQueue
 
@@ -534,3 +534,42 @@ def test_job_ids_are_unique_and_ordered_by_when_they_were_made() -> None:
         wait_until(lambda m=made: time.time_ns() // 1_000_000 > m, 1.0, 0.0005, "the next ms")
     assert ticks == sorted(ticks)
     assert abs(int(ticks[0][:12], 16) / 1000 - time.time()) < 5
+
+
+def test_when_the_next_job_is_due_is_read_again_only_after_a_change(queue_path: str) -> None:
+    """``next_run_at`` visits every pending job; an idle serving process asks before each
+    wait. Its answer is kept until a commit, from this connection, its enqueue connection or
+    another process, may have changed it."""
+    q = JobQueue(queue_path).open()
+    other = JobQueue(queue_path).open()
+    reads: list[str] = []
+
+    def note(sql: str) -> None:
+        if "min(run_at)" in sql:
+            reads.append(sql)
+
+    q.connection().set_trace_callback(note)
+    try:
+        assert q.next_run_at() is None
+        assert q.next_run_at() is None
+        assert len(reads) == 1  # nothing changed: not read again
+        now = time.time()
+        other.enqueue("t", {}, delay=100)  # another connection (another process alike)
+        assert q.next_run_at() == pytest.approx(now + 100, abs=5)
+        assert q.next_run_at(retries_only=True) is None
+        q.enqueue("t", {}, delay=10)  # this queue's own enqueue connection
+        assert q.next_run_at() == pytest.approx(now + 10, abs=5)
+        owner = q.register_process("test", "host", 60.0)
+        job = q.enqueue("t", {}, parallel=True)
+        (claimed,) = q.claim(owner, 1, 60.0)
+        assert claimed.id == job
+        q.finish([(claimed, AttemptResult(Outcome.FAILED, error="boom"))], owner=owner)
+        assert q.next_run_at(retries_only=True) is not None  # this connection's own write
+        assert q.next_run_at() is not None
+        calls = len(reads)
+        q.next_run_at(retries_only=True)
+        q.next_run_at()
+        assert len(reads) == calls
+    finally:
+        q.close()
+        other.close()

@@ -102,6 +102,9 @@ class JobQueue(ConsumerApi):
         self._enqueue_wait = -1.0
         self._lock = threading.RLock()
         self._api_owner: int | None = None
+        #: next_run_at's answers (for all jobs, for retries), with the version of the database
+        #: they were read at (see next_run_at).
+        self._next_run: dict[bool, tuple[tuple[int, int], float | None]] = {}
 
     @property
     def display_location(self) -> str:
@@ -113,6 +116,7 @@ class JobQueue(ConsumerApi):
     def connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
             self._enqueue_conn = None  # a parent's connection: never used in this process
+            self._next_run.clear()  # versions of another connection
             self._conn = connect(self.location, self.busy_timeout, self.synchronous)
             self._pid = os.getpid()
         return self._conn
@@ -746,11 +750,24 @@ class JobQueue(ConsumerApi):
         return int(due)
 
     def next_run_at(self, retries_only: bool = False) -> float | None:
-        """When the earliest pending job (or retry) falls due; None when there is none."""
+        """When the earliest pending job (or retry) falls due; None when there is none.
+
+        Reading it visits every pending job (no index orders them by ``run_at``), and an idle
+        serving process asks before each wait, up to ten times a second while due jobs are
+        held back by another process's barrier: with a million jobs queued, a core. So the
+        answer is kept until the database changes: ``PRAGMA data_version`` moves with other
+        connections' commits, ``total_changes`` with this one's.
+        """
         where = "state = 'pending'" + (" AND attempts > 0" if retries_only else "")
         with self._read() as conn:
+            version = (conn.total_changes, conn.execute("PRAGMA data_version").fetchone()[0])
+            cached = self._next_run.get(retries_only)
+            if cached is not None and cached[0] == version:
+                return cached[1]
             row = conn.execute(f"SELECT min(run_at) FROM jobs WHERE {where}").fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        due = None if row is None or row[0] is None else float(row[0])
+        self._next_run[retries_only] = (version, due)
+        return due
 
     def get_dead_letter_jobs(self, limit: int | None = None) -> list[DeadLetterJob]:
         with self._read() as conn:
