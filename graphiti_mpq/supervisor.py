@@ -22,7 +22,7 @@ from .child import Task
 from .config import Settings
 from .errors import DatabaseBusyError
 from .inflight import CHUNK_MAX, ChunkPlanner, InFlight, InFlightChunk, Running
-from .logs import get_logger
+from .logs import get_logger, held_lines
 from .models import CLAIMED, AttemptResult, Outcome, QueuedJob
 from .pool import Event, WorkerPool
 from .storage.base import Finished, QueueBarrier, QueueListener, QueueStore
@@ -579,9 +579,10 @@ class Supervisor:
             raise
         self._last_activity = time.monotonic()
         self._discard_start_marks()
-        for item in finished:
-            running, result = by_id[item.job.id]
-            self._log_outcome(item, result, running)
+        with held_lines():  # one write for the batch's lines, not a flushed write each
+            for item in finished:
+                running, result = by_id[item.job.id]
+                self._log_outcome(item, result, running)
         if self._barrier is not None and self._barrier.mode == "exclusive":
             # A sequential job ended: let others in at once. A shared hold is kept until a
             # claim finds nothing, so a busy queue does not retake it for every batch.
