@@ -246,7 +246,7 @@ def test_a_version_1_database_is_upgraded_in_place(
     }
     assert sql(queue_path, "PRAGMA user_version")[0][0] == 1
     q = make_queue()
-    assert sql(queue_path, "PRAGMA user_version")[0][0] == schema.SCHEMA_VERSION == 2
+    assert sql(queue_path, "PRAGMA user_version")[0][0] == schema.SCHEMA_VERSION == 3
     after = {
         table: sql(queue_path, f"SELECT * FROM {table} ORDER BY 1")
         for (table,) in sql(queue_path, tables)
@@ -275,6 +275,42 @@ def test_a_version_1_database_is_upgraded_in_place(
     q.close()
     again = make_queue()  # already current: opened without migrating
     assert again.get_stats() == stats
+
+
+def test_a_version_2_database_gets_the_cheaper_finished_index_and_purges_as_before(
+    queue_path: str, make_queue: Callable[..., JobQueue]
+) -> None:
+    conn = sqlite3.connect(queue_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN IMMEDIATE")
+    schema.MIGRATIONS[1](conn)
+    schema.MIGRATIONS[2](conn)
+    conn.execute("PRAGMA user_version = 2")
+    now = time.time()
+    for job_id, state, finished_at in [
+        ("old_done", "succeeded", now - 1000),
+        ("old_dead", "dead", now - 1000),
+        ("old_cancelled", "cancelled", now - 1000),
+        ("new_done", "succeeded", now),
+        ("waiting", "pending", None),
+    ]:
+        conn.execute(
+            "INSERT INTO jobs (id, job_type, payload, state, run_at, created_at, finished_at)"
+            " VALUES (?, 't', '{}', ?, ?, ?, ?)",
+            (job_id, state, now, now - 2000, finished_at),
+        )
+    conn.execute("COMMIT")
+    conn.close()
+    index_sql = "SELECT sql FROM sqlite_master WHERE name = 'jobs_finished'"
+    assert "state IN" in sql(queue_path, index_sql)[0][0]
+
+    q = make_queue()
+    assert sql(queue_path, "PRAGMA user_version")[0][0] == schema.SCHEMA_VERSION == 3
+    assert "finished_at IS NOT NULL" in sql(queue_path, index_sql)[0][0]
+    assert q.purge(older_than=500) == 3
+    remaining = {r[0]: r[1] for r in sql(queue_path, "SELECT id, state FROM jobs")}
+    assert remaining == {"new_done": "succeeded", "waiting": "pending"}
+    assert q.get_stats().succeeded == 1
 
 
 def test_migration_is_idempotent_across_opens(

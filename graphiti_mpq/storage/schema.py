@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ..errors import SchemaTooNewError
 
 #: The version this code writes. Bump it and append a migration to change the schema.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Indexes are raw SQL: they are partial (WHERE ...), which sqlite-utils cannot express.
 _V1_INDEXES = (
@@ -27,11 +27,13 @@ _V1_INDEXES = (
     # Dedupe: at most one live job per key, enforced by the database itself.
     "CREATE UNIQUE INDEX jobs_dedupe_live ON jobs(dedupe_key)"
     " WHERE dedupe_key IS NOT NULL AND state IN ('pending', 'claimed', 'running')",
-    # Purge of finished jobs by age.
+    # Purge of finished jobs by age (schema v3 redefines it: _JOBS_FINISHED).
     "CREATE INDEX jobs_finished ON jobs(finished_at)"
     " WHERE state IN ('succeeded', 'dead', 'cancelled')",
     "CREATE INDEX attempts_job ON attempts(job_id, id)",
 )
+
+_JOBS_FINISHED = "CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL"
 
 
 def _migrate_v1(conn: sqlite3.Connection) -> None:
@@ -191,7 +193,24 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX dead_letter_failed_at ON dead_letter(failed_at)")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_v1, 2: _migrate_v2}
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    """``jobs_finished`` keyed on ``finished_at IS NOT NULL`` instead of a list of states.
+
+    SQLite checks a partial index's condition on the old and the new row of every update that
+    touches its columns: a claim and an outcome each checked ``state IN (three states)``, which
+    SQLite evaluates through a temporary table (about 2 µs a check, 5 µs of a job's 37 in
+    claim and outcome); ``IS NOT NULL`` costs nothing. Only finished jobs have a
+    ``finished_at`` (a claim clears it), and purge's ``finished_at < ?`` still uses the index.
+    """
+    conn.execute("DROP INDEX jobs_finished")
+    conn.execute(_JOBS_FINISHED)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _migrate_v1,
+    2: _migrate_v2,
+    3: _migrate_v3,
+}
 
 
 def current_version(conn: sqlite3.Connection) -> int:

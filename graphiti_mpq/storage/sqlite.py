@@ -445,7 +445,7 @@ class JobQueue(ConsumerApi):
             default_retries = 0
         done: list[Finished] = []
         with self._write() as conn:
-            rows = self._attempt_rows(conn, [job.id for job, _ in items])
+            rows = self._attempt_rows(conn, [job for job, _ in items])
             succeeded: list[tuple[QueuedJob, tuple[Any, ...], AttemptResult]] = []
             for job, result in items:
                 row = rows.get(job.id)
@@ -471,16 +471,33 @@ class JobQueue(ConsumerApi):
         return done
 
     @staticmethod
-    def _attempt_rows(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[Any, ...]]:
-        """id -> (attempts, round, max_retries, state, owner), one query for many jobs."""
-        return {
+    def _attempt_rows(
+        conn: sqlite3.Connection, jobs: list[QueuedJob]
+    ) -> dict[str, tuple[Any, ...]]:
+        """id -> (attempts, round, max_retries, state, owner, seq), one query for many jobs.
+
+        Looked up by ``seq`` (the table's own key: no walk of the id index), checked against
+        the id; a job whose ``seq`` is unknown or stale is looked up by id.
+        """
+        rows = {
             row[0]: row[1:]
             for row in conn.execute(
-                "SELECT id, attempts, round, max_retries, state, owner FROM jobs"
-                f" WHERE id IN {_LISTED}",
-                (json.dumps(ids),),
+                "SELECT id, attempts, round, max_retries, state, owner, seq FROM jobs"
+                f" WHERE seq IN {_LISTED}",
+                (json.dumps([job.seq for job in jobs]),),
             )
         }
+        missing = [job.id for job in jobs if job.id not in rows]
+        if missing:
+            rows.update(
+                (row[0], row[1:])
+                for row in conn.execute(
+                    "SELECT id, attempts, round, max_retries, state, owner, seq FROM jobs"
+                    f" WHERE id IN {_LISTED}",
+                    (json.dumps(missing),),
+                )
+            )
+        return rows
 
     @staticmethod
     def _succeed_many(
@@ -508,14 +525,14 @@ class JobQueue(ConsumerApi):
         )
         conn.executemany(
             "UPDATE jobs SET state = 'succeeded', finished_at = ?, result = ?, owner = NULL,"
-            " lease_until = NULL, worker_pid = NULL, worker_start = NULL WHERE id = ?",
+            " lease_until = NULL, worker_pid = NULL, worker_start = NULL WHERE seq = ?",
             [
                 (
                     result.finished_at or now,
                     json.dumps(result.result) if result.result is not None else None,
-                    job.id,
+                    row[5],
                 )
-                for job, _, result in items
+                for _, row, result in items
             ],
         )
         return [Finished(job, Outcome.SUCCEEDED, "succeeded") for job, _, _ in items]
@@ -866,13 +883,27 @@ class JobQueue(ConsumerApi):
         """Delete finished (succeeded, dead, cancelled) jobs that finished before now - age."""
         cutoff = time.time() - older_than
         with self._write() as conn:
-            return self._delete_where(conn, f"state IN {_FINAL} AND finished_at < ?", (cutoff,))
+            # INDEXED BY: left to itself the planner walks every finished job in jobs_state_seq;
+            # jobs_finished reads only those that finished before the cutoff.
+            return self._delete_where(
+                conn,
+                f"state IN {_FINAL} AND finished_at < ?",
+                (cutoff,),
+                jobs="jobs INDEXED BY jobs_finished",
+            )
 
-    def _delete_where(self, conn: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> int:
+    def _delete_where(
+        self,
+        conn: sqlite3.Connection,
+        where: str,
+        params: tuple[Any, ...],
+        jobs: str = "jobs",
+    ) -> int:
         conn.execute(
-            f"DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE {where})", params
+            f"DELETE FROM attempts WHERE job_id IN (SELECT id FROM {jobs} WHERE {where})", params
         )
         conn.execute(
-            f"DELETE FROM dead_letter WHERE job_id IN (SELECT id FROM jobs WHERE {where})", params
+            f"DELETE FROM dead_letter WHERE job_id IN (SELECT id FROM {jobs} WHERE {where})",
+            params,
         )
-        return int(conn.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount)
+        return int(conn.execute(f"DELETE FROM {jobs} WHERE {where}", params).rowcount)

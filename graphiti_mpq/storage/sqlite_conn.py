@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from ..errors import DatabaseBusyError, DatabaseError, QueueError
 
-SCHEMA_VERSION = 2  # kept equal to schema.SCHEMA_VERSION (a test checks it)
+SCHEMA_VERSION = 3  # kept equal to schema.SCHEMA_VERSION (a test checks it)
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 
