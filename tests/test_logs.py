@@ -87,3 +87,18 @@ def test_timestamps_are_iso_utc_with_microseconds(stream: _CountingStream) -> No
         seconds = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
         seconds += int(stamp[20:26]) / 1e6
         assert before - 1e-5 <= seconds <= after + 1e-5
+
+
+def test_values_json_cannot_hold_are_written_as_their_repr(stream: _CountingStream) -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    logs.get_logger().info("odd", where=Opaque(), text="naïve \n line", items=[1, None, 2.5])
+    (line,) = stream.getvalue().splitlines()  # one line, whatever the values hold
+    event = json.loads(line)
+    assert (event["where"], event["text"], event["items"]) == (
+        "<opaque>",
+        "naïve \n line",
+        [1, None, 2.5],
+    )
