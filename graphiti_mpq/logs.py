@@ -50,7 +50,7 @@ def _json_renderer() -> Any:
     import json
     from json import encoder as json_encoder
 
-    make = json_encoder.c_make_encoder
+    make = getattr(json_encoder, "c_make_encoder", None)  # (not in the typing stubs)
     if make is None:  # no C accelerator: the plain encoder, reused all the same
         encode: Any = json.JSONEncoder(default=repr).encode
     else:
