@@ -8,6 +8,7 @@ counted, so a role's share is CPU time.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -159,6 +160,8 @@ def run_loop_profile(jobs: int, workers: int = 2, top: int = 30) -> str:
             seconds = time.perf_counter() - began
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
+    if os.environ.get("BENCH_PROFILE_DUMP"):
+        stats.dump_stats(os.environ["BENCH_PROFILE_DUMP"])  # for pstats callers and callees
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
     head = (
