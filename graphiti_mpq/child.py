@@ -138,7 +138,12 @@ class _SilentOnceOrphaned:
             if _supervisor[2] is not None or time.monotonic() >= self._next_look:
                 self._next_look = time.monotonic() + _WATCH_POLL / 10
                 try:
-                    self._gone = _supervisor_gone()
+                    # The pidfd turns readable only once every thread of the supervisor has
+                    # exited; a SIGKILLed one shows a zombie main thread for a few ms before
+                    # that, and a result sent then already fails: that counts as gone too.
+                    self._gone = _supervisor_gone() or not procinfo.is_alive(
+                        _supervisor[0], _supervisor[1]
+                    )
                 except (OSError, ValueError):  # our pidfd closed under us: keep writing
                     pass
         return self._gone

@@ -260,3 +260,45 @@ def test_a_child_writes_nothing_to_the_log_once_its_supervisor_is_gone(
     assert "chatter: supervisor alive" in text
     assert "chatter: supervisor gone" not in text
     q.close()
+
+
+#: A process whose main thread has exited while another thread still runs: what /proc shows of
+#: a SIGKILLed supervisor for a few milliseconds, before its pidfd turns readable.
+_HALF_EXITED = """
+import ctypes, threading, time
+threading.Thread(target=time.sleep, args=(60,)).start()
+print("ready", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_supervisor_whose_main_thread_has_exited_is_gone_for_a_childs_stderr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+    import select
+    import sys
+
+    from graphiti_mpq import child
+
+    proc = subprocess.Popen([sys.executable, "-c", _HALF_EXITED], stdout=subprocess.PIPE)
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        start_time = procinfo.process_start_time(proc.pid)
+        out = io.StringIO()
+        monkeypatch.setattr(child, "_supervisor", (proc.pid, start_time, pidfd))
+        wait_until(
+            lambda: (procinfo._stat_fields(proc.pid) or [b""])[0] == b"Z",
+            what="the main thread to exit",
+        )
+        assert not select.select([pidfd], [], [], 0)[0]  # its other thread still runs
+        guard = child._SilentOnceOrphaned(out)
+        guard.write("after its main thread exited\n")
+        assert "after its main thread exited" not in out.getvalue()
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(pidfd)
+        if proc.stdout is not None:
+            proc.stdout.close()
