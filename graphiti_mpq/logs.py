@@ -4,13 +4,15 @@ Modules call ``get_logger()``; only entry points call ``configure_logging``. Not
 on import.
 
 A serving process writes a line for every job it settles, so the per-line cost counts: the
-timestamp is built from a cached second, and ``held_lines()`` lets the supervisor write the
-lines of one committed batch with a single write instead of one flushed write each.
+timestamp is built from a cached second, JSON comes from one encoder made once, and
+``held_lines()`` lets the supervisor write the lines of one committed batch with a single write
+instead of one flushed write each.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -64,7 +66,7 @@ def _json_renderer() -> Any:
             return "".join(iterencode(value, 0))
 
     def render(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
-        return str(encode(event_dict))
+        return encode(event_dict)  # type: ignore[no-any-return]
 
     return render
 
@@ -105,11 +107,23 @@ class LineWriter:
 
 
 _writer: LineWriter | None = None
+_fork_hook = False
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while the parent held lines (the pool forks from a helper thread) must
+    not hold its own lines for ever, nor inherit a lock taken at that instant."""
+    if _writer is not None:
+        _writer._held = None
+        _writer._lock = threading.Lock()
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
     """Set up structlog once per process: ``fmt`` is auto, console or json."""
-    global _writer
+    global _writer, _fork_hook
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook = True
     stream = stream if stream is not None else sys.stderr
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import calendar
 import io
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -102,3 +104,24 @@ def test_values_json_cannot_hold_are_written_as_their_repr(stream: _CountingStre
         "naïve \n line",
         [1, None, 2.5],
     )
+
+
+def test_a_child_forked_while_lines_are_held_writes_its_own_at_once(
+    stream: _CountingStream, tmp_path: Path
+) -> None:
+    out = tmp_path / "child.log"
+    with out.open("w") as sink:
+        logs.configure_logging("json", "info", sink)
+        log = logs.get_logger()
+        with logs.held_lines():
+            log.info("parent_held")
+            pid = os.fork()
+            if pid == 0:  # the child: its line must reach the file before it exits
+                try:
+                    log.info("child_line")
+                finally:
+                    os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+            assert [json.loads(x)["event"] for x in out.read_text().splitlines()] == ["child_line"]
+    events = [json.loads(x)["event"] for x in out.read_text().splitlines()]
+    assert events == ["child_line", "parent_held"]
