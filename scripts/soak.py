@@ -501,6 +501,15 @@ class Soak:
 
     def stop_supervisor(self) -> None:
         assert self.supervisor is not None
+        # A supervisor restarted just before the queue emptied may still be importing: a
+        # SIGTERM then meets Python's default action (exit by signal) before any handler
+        # exists. Graceful stop is promised to a started supervisor, so wait for its start.
+        log = self.dir / f"supervise-{self.incarnation}.log"
+        started = time.monotonic() + STOP_WAIT
+        while self.supervisor.poll() is None and time.monotonic() < started:
+            if b'"supervisor_started"' in log.read_bytes():
+                break
+            time.sleep(0.02)
         self.supervisor.send_signal(signal.SIGTERM)
         try:
             code = self.supervisor.wait(timeout=STOP_WAIT)
