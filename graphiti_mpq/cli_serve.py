@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from . import stopsignals
 from .cli_common import DURATION, CliState, json_out, open_queue_for, pass_state
 from .config import START_METHODS, Settings
 
@@ -68,6 +69,7 @@ def supervise(state: CliState, /, idle_exit: float | None, **options: Any) -> No
     Example:
         graphiti_mpq supervise --workers 8 --import myapp.jobs
     """
+    stopsignals.catch_early()
     from .autostart import adopt_lock as adopt_autostart_lock
     from .supervisor import Supervisor
 
@@ -95,6 +97,7 @@ def drain(state: CliState, /, wait_retries: bool, as_json: bool, **options: Any)
     Example:
         */5 * * * * graphiti_mpq drain --wait-retries
     """
+    stopsignals.catch_early()
     from .supervisor import Supervisor
 
     state.configure_logging()

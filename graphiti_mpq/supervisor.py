@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import procinfo, startlog
+from . import procinfo, startlog, stopsignals
 from .child import Task
 from .config import Settings
 from .errors import DatabaseBusyError
@@ -113,6 +113,8 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+        for _ in range(stopsignals.take()):  # asked to stop while the command was starting
+            self.request_stop()
 
     # -- the loop --------------------------------------------------------------------------
 

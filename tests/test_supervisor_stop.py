@@ -114,3 +114,48 @@ def test_hard_stop_hands_running_jobs_back_without_using_an_attempt(
         assert attempts_of(q, job) == [(1, "handed_back"), (1, "succeeded")]
     assert (tmp_path / "replay.pids.attempts").read_text().split() == ["1", "1"]
     q.close()
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
+@pytest.mark.parametrize("command", ["supervise", "drain"])
+def test_a_stop_asked_for_while_the_command_starts_is_a_clean_stop(
+    tmp_path: Path, queue_path: str, servers: list[Serving], command: str
+) -> None:
+    """A SIGTERM that comes while the serving command still opens its queue (here: waiting to
+    migrate it, another process holds the write lock) stops it cleanly once it has started."""
+    import sqlite3
+
+    from graphiti_mpq.storage import schema
+
+    conn = sqlite3.connect(queue_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN IMMEDIATE")
+    schema.MIGRATIONS[1](conn)
+    schema.MIGRATIONS[2](conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("COMMIT")
+    conn.execute("BEGIN IMMEDIATE")  # the lock its migration waits for (up to 5 s)
+    try:
+        sup = start(servers, tmp_path, queue_path, command, "--workers", "1", ready=False)
+        wait_until(lambda: _catches(sup.pid, signal.SIGTERM), 4.0, what="the early handler")
+        assert not sup.events("supervisor_started")
+        sup.signal(signal.SIGTERM)
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+    assert sup.wait() == 0, sup.log()
+    assert [e["event"] for e in sup.events() if e["event"].startswith("supervisor_")] == [
+        "supervisor_started",
+        "supervisor_stopping",
+        "supervisor_stopped",
+    ]
+    q = open_db(queue_path)
+    assert q.get_stats().pending == 0  # migrated, and usable
+    q.close()
