@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -96,3 +97,17 @@ def assert_dies_with_its_spawner(start: str, prelude: str = "") -> None:
         middle.wait()
         if procinfo.is_alive(sleeper):
             os.kill(sleeper, signal.SIGKILL)
+
+
+def schema_v2_queue(path: str) -> sqlite3.Connection:
+    """A queue database as schema version 2 left it, inside an open write transaction on the
+    returned autocommit connection (the caller adds rows, then commits)."""
+    from graphiti_mpq.storage import schema
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN IMMEDIATE")
+    schema.MIGRATIONS[1](conn)
+    schema.MIGRATIONS[2](conn)
+    conn.execute("PRAGMA user_version = 2")
+    return conn

@@ -32,7 +32,7 @@ from graphiti_mpq.models import AttemptResult, Outcome, QueuedJob
 from graphiti_mpq.storage import schema, sqlite_conn
 from graphiti_mpq.storage.sqlite import JobQueue
 
-from .helpers import child_env, wait_until
+from .helpers import child_env, schema_v2_queue, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -280,12 +280,7 @@ def test_a_version_1_database_is_upgraded_in_place(
 def test_a_version_2_database_gets_the_cheaper_finished_index_and_purges_as_before(
     queue_path: str, make_queue: Callable[..., JobQueue]
 ) -> None:
-    conn = sqlite3.connect(queue_path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("BEGIN IMMEDIATE")
-    schema.MIGRATIONS[1](conn)
-    schema.MIGRATIONS[2](conn)
-    conn.execute("PRAGMA user_version = 2")
+    conn = schema_v2_queue(queue_path)
     now = time.time()
     for job_id, state, finished_at in [
         ("old_done", "succeeded", now - 1000),

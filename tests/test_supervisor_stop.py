@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import wait_until
+from .helpers import schema_v2_queue, wait_until
 from .serving import (
     FIXTURE,
     Serving,
@@ -130,16 +130,7 @@ def test_a_stop_asked_for_while_the_command_starts_is_a_clean_stop(
 ) -> None:
     """A SIGTERM that comes while the serving command still opens its queue (here: waiting to
     migrate it, another process holds the write lock) stops it cleanly once it has started."""
-    import sqlite3
-
-    from graphiti_mpq.storage import schema
-
-    conn = sqlite3.connect(queue_path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("BEGIN IMMEDIATE")
-    schema.MIGRATIONS[1](conn)
-    schema.MIGRATIONS[2](conn)
-    conn.execute("PRAGMA user_version = 2")
+    conn = schema_v2_queue(queue_path)
     conn.execute("COMMIT")
     conn.execute("BEGIN IMMEDIATE")  # the lock its migration waits for (up to 5 s)
     try:
