@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_PIPE_BUF = 4096  # the largest write a pipe keeps whole (Linux)
 
 
 class _UtcTimestamp:
@@ -30,19 +31,19 @@ class _UtcTimestamp:
     ``TimeStamper(fmt="iso", utc=True)``, with the date and time formatted once a second."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._cached = (-1, "")  # (second, its formatted prefix): one tuple, for threads
 
     def __call__(
         self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
+        cached_second, prefix = self._cached
+        if second != cached_second:
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._cached = (second, prefix)
         micros = min(int((now - second) * 1_000_000), 999_999)
-        event_dict["timestamp"] = f"{self._prefix}.{micros:06d}Z"
+        event_dict["timestamp"] = f"{prefix}.{micros:06d}Z"
         return event_dict
 
 
@@ -99,11 +100,24 @@ class LineWriter:
             return True
 
     def release(self) -> None:
+        """Write the held lines, whole lines at most ``PIPE_BUF`` bytes a write where they fit:
+        on a pipe (journald, docker, ``| tee``) the kernel keeps such a write in one piece,
+        so what pool children print to the same stream never lands inside a line."""
         with self._lock:
             lines, self._held = self._held, None
-            if lines:
-                self.stream.write("\n".join(lines) + "\n")
-                self.stream.flush()
+            if not lines:
+                return
+            batch: list[str] = []
+            size = 0
+            for line in lines:
+                length = len(line) + 1  # (characters: a bound close enough for log lines)
+                if batch and size + length > _PIPE_BUF:
+                    self.stream.write("".join(batch))
+                    batch, size = [], 0
+                batch.append(line + "\n")
+                size += length
+            self.stream.write("".join(batch))
+            self.stream.flush()
 
 
 _writer: LineWriter | None = None

@@ -125,3 +125,16 @@ def test_a_child_forked_while_lines_are_held_writes_its_own_at_once(
             assert [json.loads(x)["event"] for x in out.read_text().splitlines()] == ["child_line"]
     events = [json.loads(x)["event"] for x in out.read_text().splitlines()]
     assert events == ["child_line", "parent_held"]
+
+
+def test_a_large_batch_goes_out_in_whole_lines_of_at_most_a_pipes_atomic_write(
+    stream: _CountingStream,
+) -> None:
+    log = logs.get_logger()
+    with logs.held_lines():
+        for i in range(100):
+            log.info("job_completed", job_id=f"{i:028x}", padding="x" * 150)
+    assert _events(stream) == ["job_completed"] * 100
+    assert 1 < len(stream.writes) < 100
+    for text in stream.writes:
+        assert len(text.encode()) <= 4096 and text.endswith("\n")

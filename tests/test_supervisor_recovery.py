@@ -20,7 +20,7 @@ from graphiti_mpq import procinfo
 from graphiti_mpq.config import Settings
 from graphiti_mpq.supervisor import Supervisor
 
-from .helpers import wait_until
+from .helpers import run_child, wait_until
 from .serving import (
     FIXTURE,
     Serving,
@@ -302,3 +302,39 @@ def test_a_supervisor_whose_main_thread_has_exited_is_gone_for_a_childs_stderr(
         os.close(pidfd)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_child_that_runs_out_of_descriptors_still_writes_to_its_stderr() -> None:
+    """Only evidence that the supervisor ended silences a child: its /proc entry unreadable
+    for want of a descriptor is not that."""
+    out = run_child(
+        """
+        import io, os, resource, subprocess, sys
+        from graphiti_mpq import child, procinfo
+
+        parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            pidfd = os.pidfd_open(parent.pid)
+            child._supervisor = (parent.pid, procinfo.process_start_time(parent.pid), pidfd)
+            sink = io.StringIO()
+            guard = child._SilentOnceOrphaned(sink)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+            held = []
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            guard.write("while out of descriptors\\n")
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            guard.write("after\\n")
+            print(sink.getvalue(), end="")
+        finally:
+            parent.kill()
+            parent.wait()
+        """
+    )
+    assert out == "while out of descriptors\nafter\n"

@@ -150,3 +150,23 @@ def test_a_stop_asked_for_while_the_command_starts_is_a_clean_stop(
     q = open_db(queue_path)
     assert q.get_stats().pending == 0  # migrated, and usable
     q.close()
+
+
+def test_a_second_early_signal_has_its_default_effect() -> None:
+    """The first stop signal of a starting command is kept for the supervisor; the next one
+    acts as it would have without the early handler (a start-up stuck waiting stays
+    stoppable)."""
+    import os
+
+    from graphiti_mpq import stopsignals
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stopsignals.catch_early()
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_until(lambda: signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, 5.0)
+        assert signal.getsignal(signal.SIGINT) is stopsignals._note  # one kind at a time
+        assert stopsignals.take() == 1 and stopsignals.take() == 0
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
