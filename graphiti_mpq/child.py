@@ -121,24 +121,6 @@ def _watch_supervisor(pid: int, start: int | None) -> None:
         _die(1)
 
 
-def _supervisor_exiting() -> bool:
-    """Whether the supervisor's main thread has exited (a zombie in ``/proc``) or its entry is
-    gone. The pidfd turns readable only once every thread has exited; a SIGKILLed supervisor
-    shows a zombie main thread for a few ms before that, and a result sent then already fails.
-    Only that evidence counts: ``/proc`` unreadable for another reason (no descriptor left, say)
-    is not a dead supervisor."""
-    if _supervisor is None:
-        return False
-    try:
-        with open(f"/proc/{_supervisor[0]}/stat", "rb") as stat:
-            data = stat.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    except OSError:
-        return False
-    return data.rpartition(b")")[2].split()[:1] in ([b"Z"], [b"X"])
-
-
 class _SilentOnceOrphaned:
     """This child's ``sys.stderr``: what it would write once its supervisor is gone goes
     nowhere, instead of into the log of a supervisor that crashed (the traceback of a result
@@ -156,7 +138,12 @@ class _SilentOnceOrphaned:
             if _supervisor[2] is not None or time.monotonic() >= self._next_look:
                 self._next_look = time.monotonic() + _WATCH_POLL / 10
                 try:
-                    self._gone = _supervisor_gone() or _supervisor_exiting()
+                    # The pidfd turns readable only once every thread of the supervisor has
+                    # exited; a SIGKILLed one shows a zombie main thread for a few ms before
+                    # that, and a result sent then already fails: that counts as gone too.
+                    self._gone = _supervisor_gone() or not procinfo.is_alive(
+                        _supervisor[0], _supervisor[1]
+                    )
                 except (OSError, ValueError):  # our pidfd closed under us: keep writing
                     pass
         return self._gone

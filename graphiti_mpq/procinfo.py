@@ -28,13 +28,15 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     """The fields of ``/proc/<pid>/stat`` from field 3 (state) on, or None if it is gone.
 
     ``comm`` (field 2) may hold spaces and parentheses, so we split after the last ``)``.
+    Any other failure to read it (no descriptor left, say) is raised: it says nothing of the
+    process.
     """
     if pid <= 0:
         return None
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             data = stat.read()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     _, sep, rest = data.rpartition(b")")
     if not sep:
@@ -48,7 +50,10 @@ def process_start_time(pid: int) -> int | None:
 
     Together with the pid this identifies a process for good: a reused pid has a later start.
     """
-    fields = _stat_fields(pid)
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return None
     if fields is None:
         return None
     try:
@@ -68,7 +73,12 @@ def is_alive(pid: int, start_time: int | None = None) -> bool:
         return False
     except PermissionError:
         pass  # it exists, it just belongs to someone else
-    fields = _stat_fields(pid)
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        # It exists (kill said so) and nothing shows it has ended: callers take "not alive"
+        # as proof of death (recovery hands its jobs to others), so unknown counts as alive.
+        return True
     if fields is None:
         return False  # it went away between the two checks
     if fields[0] == b"Z":

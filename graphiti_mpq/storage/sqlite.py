@@ -479,24 +479,13 @@ class JobQueue(ConsumerApi):
         Looked up by ``seq`` (the table's own key: no walk of the id index), checked against
         the id; a job whose ``seq`` is unknown or stale is looked up by id.
         """
-        rows = {
-            row[0]: row[1:]
-            for row in conn.execute(
-                "SELECT id, attempts, round, max_retries, state, owner, seq FROM jobs"
-                f" WHERE seq IN {_LISTED}",
-                (json.dumps([job.seq for job in jobs]),),
-            )
-        }
+        select = "SELECT id, attempts, round, max_retries, state, owner, seq FROM jobs WHERE"
+        listed = json.dumps([job.seq for job in jobs])
+        rows = {row[0]: row[1:] for row in conn.execute(f"{select} seq IN {_LISTED}", (listed,))}
         missing = [job.id for job in jobs if job.id not in rows]
         if missing:
-            rows.update(
-                (row[0], row[1:])
-                for row in conn.execute(
-                    "SELECT id, attempts, round, max_retries, state, owner, seq FROM jobs"
-                    f" WHERE id IN {_LISTED}",
-                    (json.dumps(missing),),
-                )
-            )
+            found = conn.execute(f"{select} id IN {_LISTED}", (json.dumps(missing),))
+            rows.update((row[0], row[1:]) for row in found)
         return rows
 
     @staticmethod
